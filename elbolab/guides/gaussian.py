@@ -1,0 +1,59 @@
+"""An amortized diagonal-Gaussian guide, ``q(z | x) = N(mu(x), diag sigma(x)^2)``.
+
+The VAE's encoder (Kingma & Welling 2014, "Auto-Encoding Variational Bayes"): its samples are
+reparameterized, ``z = mu(x) + sigma(x) * eps``, and its KL to a Gaussian prior has a closed form.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GaussianGuide"]
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+from torch import Tensor, nn
+
+from elbolab.nn import GaussianEncoder
+
+
+class GaussianGuide(nn.Module):
+    """Amortized diagonal-Gaussian posterior for one latent site inside ``pyro.plate("data")``.
+
+    A plain ``nn.Module`` rather than a ``PyroModule``: its parameters are module parameters and
+    never enter Pyro's global param store, and no Pyro effect runs per parameter access (a
+    ``PyroModule`` emits a ``param`` message for each, which costs about a tenth of a training
+    step of a 784-400-20 VAE on CPU).
+
+    Arguments:
+        x_dim: data width.
+        z_dim: latent width.
+        hidden: hidden widths of the encoder.
+        site: name of the model's latent sample site.
+        activation: encoder activation.
+
+    Example:
+        >>> guide = GaussianGuide(784, 20, hidden=(400,))
+        >>> loc, scale = guide.encode(torch.zeros(3, 784))
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (400,),
+        site: str = "z",
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.encoder = GaussianEncoder(x_dim, z_dim, tuple(hidden), activation)
+        self.site = site
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior's ``(loc, scale)``, each ``[N, z_dim]``."""
+        return self.encoder(x)
+
+    def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        loc, scale = self.encoder(x)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample(self.site, dist.Normal(loc, scale).to_event(1))

@@ -1,0 +1,22 @@
+"""Objectives, training, log-likelihood estimation, schedules and checkpoints."""
+
+from elbolab.inference.elbo import ELBO
+from elbolab.inference.evaluate import ImportanceEstimate, importance_estimate, log_likelihood
+from elbolab.inference.fit import FitConfig, FitResult, fit, resolve_device
+from elbolab.inference.objectives import OBJECTIVES, get_objective, register_objective
+from elbolab.inference.schedules import kl_warmup
+
+__all__ = [
+    "ELBO",
+    "OBJECTIVES",
+    "FitConfig",
+    "FitResult",
+    "ImportanceEstimate",
+    "fit",
+    "get_objective",
+    "importance_estimate",
+    "kl_warmup",
+    "log_likelihood",
+    "register_objective",
+    "resolve_device",
+]

@@ -1,0 +1,91 @@
+"""The registry of objectives: one name, one constructor.
+
+An objective is a Pyro ``ELBO`` subclass (or any object with ``differentiable_loss(model,
+guide, *args)``); it never lives inside a model, so the same model and guide train under any
+name here unchanged. Add one with :func:`register_objective`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OBJECTIVES", "register_objective", "get_objective", "reconstruction_objective"]
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from elbolab.errors import InputError, closest_names
+from elbolab.inference.elbo import ELBO
+from elbolab.inference.traces import run_traced, site_log_prob
+
+OBJECTIVES: dict[str, Callable[..., Any]] = {}
+
+
+def register_objective(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: make ``get_objective(name, **kwargs)`` call the decorated constructor."""
+
+    def register(constructor: Callable[..., Any]) -> Callable[..., Any]:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        OBJECTIVES[name] = constructor
+        return constructor
+
+    return register
+
+
+def get_objective(name: str, **kwargs: Any) -> Any:
+    """The objective registered as ``name``, built with ``kwargs`` (e.g. ``num_particles=5``).
+
+    Example:
+        >>> get_objective("elbo-analytic", num_particles=2)
+    """
+    if name not in OBJECTIVES:
+        raise InputError(f"unknown objective {name!r}; {closest_names(name, OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name](**kwargs)
+    except TypeError as error:
+        raise InputError(f"objective {name!r}: {error}") from None
+
+
+@register_objective("elbo")
+def _elbo(num_particles: int = 1, beta: float = 1.0, **kwargs: Any) -> ELBO:
+    return ELBO(num_particles=num_particles, beta=beta, **kwargs)
+
+
+@register_objective("elbo-analytic")
+def _elbo_analytic(num_particles: int = 1, beta: float = 1.0, **kwargs: Any) -> ELBO:
+    return ELBO(num_particles=num_particles, beta=beta, analytic_kl=True, **kwargs)
+
+
+class Reconstruction:
+    """``-log p(x | z)`` at the model's own deterministic code: the autoencoder's loss, not an ELBO.
+
+    For models without latent sample sites (:class:`~elbolab.models.Autoencoder`); the guide
+    is ignored.
+    """
+
+    supports_beta = False
+    num_particles = 1
+
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
+        model_trace, _ = run_traced(model, _no_guide, args, kwargs)
+        loss: Tensor | float = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if not site["is_observed"]:
+                raise InputError(
+                    f"the reconstruction objective is for models without latent sites; "
+                    f"this model samples {name!r}: use elbo"
+                )
+            loss = loss - site_log_prob(site).sum()
+        return loss
+
+
+def _no_guide(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@register_objective("reconstruction")
+def reconstruction_objective() -> Reconstruction:
+    return Reconstruction()

@@ -1,0 +1,138 @@
+"""Running a guide and a model together, and reading log densities off their traces.
+
+The shared machinery of every objective and estimator: run the guide, replay the model on the
+guide's samples, optionally with ``K`` particles vectorized in a plate to the left of every
+model plate, and read per-site log densities, scaled and masked as Pyro does. Kept lean because
+it runs on the hot path of every training step: no trace copies, no graph bookkeeping.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DATA_PLATE",
+    "PARTICLE_PLATE",
+    "run_traced",
+    "max_plate_nesting",
+    "site_log_prob",
+    "data_plate_dim",
+    "log_weights_per_point",
+]
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine import Trace
+from torch import Tensor
+
+from elbolab.errors import InputError
+
+DATA_PLATE = "data"
+PARTICLE_PLATE = "particles"
+
+
+def run_traced(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    num_particles: int = 1,
+    plate_nesting: int = 0,
+) -> tuple[Trace, Trace]:
+    """Trace ``guide(*args)``, then ``model(*args)`` replayed on the guide's samples.
+
+    With ``num_particles > 1`` both run inside ``pyro.plate("particles", K)`` at dim
+    ``-(plate_nesting + 1)``, so every site gains a leading particle dimension.
+    """
+    if num_particles > 1:
+        particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+        with poutine.trace() as guide_tracer, particles:
+            guide(*args, **kwargs)
+        with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace), particles:
+            model(*args, **kwargs)
+    else:
+        with poutine.trace() as guide_tracer:
+            guide(*args, **kwargs)
+        with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace):
+            model(*args, **kwargs)
+    return model_tracer.trace, guide_tracer.trace
+
+
+def max_plate_nesting(model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict) -> int:
+    """How many plates deep the model and guide nest (one un-vectorized run, without gradients)."""
+    with torch.no_grad():
+        model_trace, guide_trace = run_traced(model, guide, args, kwargs)
+    dims = [
+        -frame.dim
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def site_log_prob(site: dict) -> Tensor:
+    """``log p(value)`` of a sample site, with its plate scale and mask applied, unsummed."""
+    log_prob = site["fn"].log_prob(site["value"])
+    mask = site["mask"]
+    if isinstance(mask, Tensor):
+        log_prob = log_prob.masked_fill(~mask, 0.0)
+    elif mask is False:
+        log_prob = torch.zeros_like(log_prob)
+    if site["scale"] is not None and not (isinstance(site["scale"], float) and site["scale"] == 1.0):
+        log_prob = log_prob * site["scale"]
+    return log_prob
+
+
+def data_plate_dim(trace: Trace) -> int:
+    """The (negative) dim of ``pyro.plate("data")`` in a trace; an error if the model has none."""
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            for frame in site["cond_indep_stack"]:
+                if frame.name == DATA_PLATE:
+                    return frame.dim
+    raise InputError(
+        'the model has no pyro.plate("data", N): the model contract puts every data point\'s '
+        'latents and the observation "x" inside it'
+    )
+
+
+def _per_point(log_prob: Tensor, particle_dim: int, data_dim: int) -> Tensor:
+    """Sum a site's log density over every dim but the particle and data dims -> ``[K or 1, N or 1]``."""
+    ndim = max(log_prob.dim(), -particle_dim)
+    log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
+    other = [d for d in range(ndim) if d - ndim not in (particle_dim, data_dim)]
+    if other:
+        log_prob = log_prob.sum(other, keepdim=True)
+    return log_prob.reshape(log_prob.shape[ndim + particle_dim], log_prob.shape[ndim + data_dim])
+
+
+def log_weights_per_point(
+    model_trace: Trace, guide_trace: Trace, plate_nesting: int
+) -> tuple[Tensor, Tensor]:
+    """Per particle and data point: ``log p(x, z) - log q(z | x)`` and ``log p(x | z)``, each ``[K, N]``.
+
+    Requires traces from :func:`run_traced` with particles at dim ``-(plate_nesting + 1)``.
+    Sites outside the data plate (global latents) enter every data point's weight once.
+    """
+    data_dim = data_plate_dim(model_trace)
+    particle_dim = -(plate_nesting + 1)
+    log_weight: Tensor | float = 0.0
+    log_lik: Tensor | float = 0.0
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample":
+            term = _per_point(site_log_prob(site), particle_dim, data_dim)
+            log_weight = log_weight + term
+            if site["is_observed"]:
+                log_lik = log_lik + term
+    if not isinstance(log_lik, Tensor):
+        raise InputError('the model observes no data (no sample site with obs=...): nothing to weigh')
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"]:
+            log_weight = log_weight - _per_point(site_log_prob(site), particle_dim, data_dim)
+    log_weight, log_lik = torch.broadcast_tensors(log_weight, log_lik)
+    return log_weight, log_lik

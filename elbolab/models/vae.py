@@ -1,0 +1,205 @@
+"""The variational autoencoder as a Pyro model, and the deterministic autoencoder it is contrasted with.
+
+    z ~ N(0, I),    x | z ~ p_theta(x | z)        (Kingma & Welling 2014)
+
+The decoder maps ``z`` to the parameters of ``p(x | z)``: Bernoulli logits for binary data, a
+Gaussian mean (with a fixed or a learned per-pixel scale), or the logits of a continuous
+Bernoulli (Loaiza-Ganem & Cunningham 2019), which is normalized on [0, 1] and so gives a true
+likelihood for grayscale data. The encoder is not part of the model: it is the guide.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LIKELIHOODS", "ModelConfig", "Likelihood", "VAE", "Autoencoder"]
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from torch import Tensor, nn
+
+from elbolab.errors import InputError, closest_names
+from elbolab.nn import ACTIVATIONS, mlp
+
+LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
+MODEL_NAMES = ("vae", "autoencoder")
+
+
+@dataclass
+class ModelConfig:
+    """The ``[model]`` section of a run's config.
+
+    Attributes:
+        name: ``"vae"`` or ``"autoencoder"``.
+        z_dim: latent (code) width.
+        hidden: encoder hidden widths; the decoder uses them reversed.
+        likelihood: one of :data:`LIKELIHOODS`.
+        activation: a key of :data:`elbolab.nn.ACTIVATIONS`.
+        obs_scale: Gaussian likelihood only: a fixed scale, or ``None`` to learn one per pixel.
+    """
+
+    name: str = "vae"
+    z_dim: int = 20
+    hidden: tuple[int, ...] = (400,)
+    likelihood: str = "bernoulli"
+    activation: str = "relu"
+    obs_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.name not in MODEL_NAMES:
+            raise InputError(f"unknown model {self.name!r}; {closest_names(self.name, MODEL_NAMES)}")
+        if int(self.z_dim) != self.z_dim or self.z_dim < 1:
+            raise InputError(f"z_dim must be a positive integer, got {self.z_dim}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise InputError(f"hidden must be one or more positive widths, got {self.hidden}")
+        if self.likelihood not in LIKELIHOODS:
+            raise InputError(
+                f"unknown likelihood {self.likelihood!r}; {closest_names(self.likelihood, LIKELIHOODS)}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise InputError(
+                f"unknown activation {self.activation!r}; {closest_names(self.activation, ACTIVATIONS)}"
+            )
+        if self.obs_scale is not None and not self.obs_scale > 0:
+            raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"hidden": list(self.hidden)}
+
+
+class Likelihood(nn.Module):
+    """Decoder output -> the distribution ``p(x | z)`` over one data row (event dim 1).
+
+    Arguments:
+        x_dim: data width.
+        likelihood: one of :data:`LIKELIHOODS`.
+        obs_scale: Gaussian only: fixed scale, or ``None`` for a learned per-pixel scale
+            ``softplus(s) + 1e-3`` (the floor keeps the density bounded on near-constant pixels).
+    """
+
+    def __init__(self, x_dim: int, likelihood: str, obs_scale: float | None = None) -> None:
+        super().__init__()
+        self.likelihood = likelihood
+        self.obs_scale = obs_scale
+        if likelihood == "gaussian" and obs_scale is None:
+            self.raw_scale = nn.Parameter(torch.zeros(x_dim))
+
+    def forward(self, out: Tensor) -> dist.TorchDistribution:
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out).to_event(1)
+        if self.likelihood == "continuous-bernoulli":
+            return dist.ContinuousBernoulli(logits=out).to_event(1)
+        scale = self.obs_scale if self.obs_scale is not None else F.softplus(self.raw_scale) + 1e-3
+        return dist.Normal(out, scale).to_event(1)
+
+
+class VAE(nn.Module):
+    """The variational autoencoder's generative model ``p(z) p(x | z)``, a Pyro program.
+
+    Follows the model contract: latent ``"z"`` and observation ``"x"`` inside
+    ``pyro.plate("data", N)``; ``model(None, batch_size=n)`` generates. Pair it with a guide for
+    ``"z"``, e.g. :class:`~elbolab.guides.GaussianGuide`.
+
+    Arguments:
+        x_dim: data width.
+        z_dim: latent width.
+        hidden: hidden widths (listed encoder-side; the decoder runs them reversed).
+        likelihood: ``"bernoulli"``, ``"gaussian"`` or ``"continuous-bernoulli"``.
+        activation: decoder activation.
+        obs_scale: Gaussian only: fixed observation scale, or ``None`` to learn one per pixel.
+
+    Example:
+        >>> model = VAE(784, 20, hidden=(400,))
+        >>> images = model.generate(16)  # [16, 784] Bernoulli means
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (400,),
+        likelihood: str = "bernoulli",
+        activation: str = "relu",
+        obs_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = ModelConfig("vae", z_dim, tuple(hidden), likelihood, activation, obs_scale)
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.decoder = mlp(z_dim, tuple(reversed(self.config.hidden)), x_dim, activation)
+        self.observation = Likelihood(x_dim, likelihood, obs_scale)
+        # Buffers, so that the prior follows the module to its device.
+        self.register_buffer("prior_loc", torch.zeros(z_dim), persistent=False)
+        self.register_buffer("prior_scale", torch.ones(z_dim), persistent=False)
+
+    def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        n = x.shape[0] if x is not None else (batch_size or 1)
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
+            return pyro.sample("x", self.observation(self.decoder(z)), obs=x)
+
+    @torch.no_grad()
+    def generate(self, n: int, *, mean: bool = True) -> Tensor:
+        """``n`` draws ``z ~ p(z)``, decoded: the means of ``p(x | z)``, or samples with ``mean=False``."""
+        return _observation(poutine.trace(self).get_trace(None, batch_size=n), mean)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, guide: Callable[..., Any] | None = None, *, mean: bool = True) -> Tensor:
+        """Encode ``x`` with ``guide`` (one draw of ``q(z | x)``) and decode it: ``[N, x_dim]``."""
+        if guide is None:
+            raise InputError("VAE.reconstruct needs the guide that encodes x")
+        guide_trace = poutine.trace(guide).get_trace(x)
+        return _observation(poutine.trace(poutine.replay(self, guide_trace)).get_trace(None, batch_size=x.shape[0]), mean)
+
+
+class Autoencoder(nn.Module):
+    """The deterministic autoencoder: ``x -> code -> p(x | code)``, trained on reconstruction only.
+
+    The baseline the VAE is contrasted with. It has no prior and no latent sample site, so it has
+    no ELBO and no log-likelihood; train it with the ``reconstruction`` objective and compare its
+    reconstruction loss ``-log p(x | decoder(encoder(x)))`` with a VAE's. It cannot generate.
+
+    Arguments are those of :class:`VAE`; ``z_dim`` is the code width.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (400,),
+        likelihood: str = "bernoulli",
+        activation: str = "relu",
+        obs_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = ModelConfig("autoencoder", z_dim, tuple(hidden), likelihood, activation, obs_scale)
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.encoder = mlp(x_dim, self.config.hidden, z_dim, activation)
+        self.decoder = mlp(z_dim, tuple(reversed(self.config.hidden)), x_dim, activation)
+        self.observation = Likelihood(x_dim, likelihood, obs_scale)
+
+    def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        if x is None:
+            raise InputError("an Autoencoder has no prior over codes and cannot generate; use a VAE")
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("x", self.observation(self.decoder(self.encoder(x))), obs=x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, guide: Callable[..., Any] | None = None, *, mean: bool = True) -> Tensor:
+        """Decode the code of ``x``: means of ``p(x | code)`` (``guide`` is ignored)."""
+        trace = poutine.trace(self).get_trace(x)
+        site = trace.nodes["x"]
+        return site["fn"].mean if mean else site["fn"].sample()
+
+    def generate(self, n: int, *, mean: bool = True) -> Tensor:
+        raise InputError("an Autoencoder has no prior over codes and cannot generate; use a VAE")
+
+
+def _observation(trace: poutine.Trace, mean: bool) -> Tensor:
+    site = trace.nodes["x"]
+    return site["fn"].mean if mean else site["value"]

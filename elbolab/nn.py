@@ -1,0 +1,75 @@
+"""The networks that models and guides are built from: a multilayer perceptron and an encoder.
+
+Kept in one place so that every guide (Gaussian here; mixture and flow guides later) reuses the
+same encoder trunk, and every decoder the same MLP.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ACTIVATIONS", "mlp", "GaussianEncoder"]
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from elbolab.errors import InputError, closest_names
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "leaky-relu": nn.LeakyReLU,
+}
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int | None, activation: str = "relu") -> nn.Sequential:
+    """``Linear -> activation`` for each hidden width, then a final ``Linear`` to ``out_dim``.
+
+    With ``out_dim=None`` the network ends on the last hidden activation (an encoder trunk).
+    """
+    if activation not in ACTIVATIONS:
+        raise InputError(f"unknown activation {activation!r}; {closest_names(activation, ACTIVATIONS)}")
+    layers: list[nn.Module] = []
+    width = in_dim
+    for h in hidden:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        width = h
+    if out_dim is not None:
+        layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+class GaussianEncoder(nn.Module):
+    """``x -> (loc, scale)`` of a diagonal Gaussian: an MLP trunk and one linear head.
+
+    The scale is ``softplus(raw) + min_scale``: smooth, positive, and bounded away from zero so
+    that ``log q`` never overflows (a clamped log-variance has zero gradient past the clamp).
+
+    Arguments:
+        x_dim: input width.
+        z_dim: latent width.
+        hidden: hidden widths of the trunk.
+        activation: a key of :data:`ACTIVATIONS`.
+        min_scale: lower bound of the scale.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (400,),
+        activation: str = "relu",
+        min_scale: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.trunk = mlp(x_dim, hidden, None, activation)
+        self.head = nn.Linear(hidden[-1] if hidden else x_dim, 2 * z_dim)
+        self.z_dim = z_dim
+        self.min_scale = min_scale
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loc, raw_scale = self.head(self.trunk(x)).split(self.z_dim, dim=-1)
+        return loc, F.softplus(raw_scale) + self.min_scale
