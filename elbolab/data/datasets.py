@@ -83,11 +83,13 @@ class DataConfig:
         name: a key of :data:`DATASETS`.
         data_dir: directory holding the files, for data sets read from files.
         binarize: ``None``, ``"threshold"`` (x > 0.5, fixed) or ``"dynamic"`` (resampled per batch).
+        train_split: ``"train"`` (validated on ``"valid"`` each epoch) or ``"train+valid"``.
     """
 
     name: str = "digits"
     data_dir: str | None = None
     binarize: str | None = None
+    train_split: str = "train"
 
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
@@ -96,6 +98,8 @@ class DataConfig:
             raise InputError(
                 f"binarize must be one of none, threshold, dynamic; got {self.binarize!r}"
             )
+        if self.train_split not in ("train", "train+valid"):
+            raise InputError(f"train_split must be train or train+valid, got {self.train_split!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -426,7 +430,7 @@ def _load_frey_faces(split: str, data_dir: Path | None) -> tuple[np.ndarray, Non
     if n <= FREY_VALID + FREY_TEST:
         raise InputError(f"{path}: 'ff' holds {n} images; the split needs more than 600")
     index = _split_indices(n, seed=0, valid=FREY_VALID, test=FREY_TEST)[split]
-    return ff.T.reshape(-1, 20, 28).transpose(0, 2, 1).reshape(-1, 560)[index].astype(np.float32) / 255.0, None, FREY_SHAPE
+    return ff.T[index].astype(np.float32) / 255.0, None, FREY_SHAPE
 
 
 # name -> loader(split, data_dir) returning (x as float in [0, 1], labels or None, image shape),

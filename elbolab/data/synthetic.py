@@ -14,7 +14,7 @@ diagonal guide cannot match exactly.
 
 from __future__ import annotations
 
-__all__ = ["LinearGaussian", "ExactPosteriorGuide"]
+__all__ = ["ExactPosteriorGuide", "LinearGaussian"]
 
 import math
 

@@ -1,5 +1,6 @@
 """Objectives, training, log-likelihood estimation, schedules and checkpoints."""
 
+from elbolab.inference.checkpoint import Run, RunConfig, load_run, save_run
 from elbolab.inference.elbo import ELBO
 from elbolab.inference.evaluate import ImportanceEstimate, importance_estimate, log_likelihood
 from elbolab.inference.fit import FitConfig, FitResult, fit, resolve_device
@@ -12,11 +13,15 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "ImportanceEstimate",
+    "Run",
+    "RunConfig",
     "fit",
     "get_objective",
     "importance_estimate",
     "kl_warmup",
+    "load_run",
     "log_likelihood",
     "register_objective",
     "resolve_device",
+    "save_run",
 ]

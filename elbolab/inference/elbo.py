@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from elbolab.errors import InputError
-from elbolab.inference.traces import max_plate_nesting, run_traced, site_log_prob
+from elbolab.inference.traces import max_plate_nesting, run_traced, sample_sites, site_log_prob
 
 
 class ELBO(pyro.infer.ELBO):
@@ -71,9 +71,7 @@ class ELBO(pyro.infer.ELBO):
         )
         log_lik: Tensor | float = 0.0
         kl: Tensor | float = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
+        for name, site in sample_sites(model_trace):
             if site["is_observed"]:
                 log_lik = log_lik + site_log_prob(site).sum()
             elif self.analytic_kl:
@@ -81,8 +79,8 @@ class ELBO(pyro.infer.ELBO):
             else:
                 kl = kl - site_log_prob(site).sum()
         if not self.analytic_kl:
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample" and not site["is_observed"]:
+            for _, site in sample_sites(guide_trace):
+                if not site["is_observed"]:
                     kl = kl + site_log_prob(site).sum()
         loss = self.beta * kl - log_lik
         return loss / self.num_particles if self.num_particles > 1 else loss

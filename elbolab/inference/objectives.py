@@ -16,7 +16,7 @@ from torch import Tensor
 
 from elbolab.errors import InputError, closest_names
 from elbolab.inference.elbo import ELBO
-from elbolab.inference.traces import run_traced, site_log_prob
+from elbolab.inference.traces import run_traced, sample_sites, site_log_prob
 
 OBJECTIVES: dict[str, Callable[..., Any]] = {}
 
@@ -70,9 +70,7 @@ class Reconstruction:
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
         model_trace, _ = run_traced(model, _no_guide, args, kwargs)
         loss: Tensor | float = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
+        for name, site in sample_sites(model_trace):
             if not site["is_observed"]:
                 raise InputError(
                     f"the reconstruction objective is for models without latent sites; "

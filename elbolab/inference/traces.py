@@ -13,6 +13,7 @@ __all__ = [
     "PARTICLE_PLATE",
     "run_traced",
     "max_plate_nesting",
+    "sample_sites",
     "site_log_prob",
     "data_plate_dim",
     "log_weights_per_point",
@@ -25,6 +26,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine import Trace
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from elbolab.errors import InputError
@@ -67,12 +69,20 @@ def max_plate_nesting(model: Callable[..., Any], guide: Callable[..., Any], args
     dims = [
         -frame.dim
         for trace in (model_trace, guide_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
+        for _, site in sample_sites(trace)
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
     return max(dims, default=0)
+
+
+def sample_sites(trace: Trace) -> list[tuple[str, dict]]:
+    """``(name, site)`` of every sample site, without the index sites that plates record."""
+    return [
+        (name, site)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
 
 
 def site_log_prob(site: dict) -> Tensor:
@@ -123,16 +133,15 @@ def log_weights_per_point(
     particle_dim = -(plate_nesting + 1)
     log_weight: Tensor | float = 0.0
     log_lik: Tensor | float = 0.0
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            term = _per_point(site_log_prob(site), particle_dim, data_dim)
-            log_weight = log_weight + term
-            if site["is_observed"]:
-                log_lik = log_lik + term
+    for _, site in sample_sites(model_trace):
+        term = _per_point(site_log_prob(site), particle_dim, data_dim)
+        log_weight = log_weight + term
+        if site["is_observed"]:
+            log_lik = log_lik + term
     if not isinstance(log_lik, Tensor):
         raise InputError('the model observes no data (no sample site with obs=...): nothing to weigh')
-    for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
+    for _, site in sample_sites(guide_trace):
+        if not site["is_observed"]:
             log_weight = log_weight - _per_point(site_log_prob(site), particle_dim, data_dim)
     log_weight, log_lik = torch.broadcast_tensors(log_weight, log_lik)
     return log_weight, log_lik

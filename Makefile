@@ -1,0 +1,41 @@
+# elbolab: `make demo` and `make test` each create .venv when needed.
+# torch is pinned to a CPU build by default; on a CUDA machine choose another build, e.g.
+#   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Install torch first and on its own: with the pinned build present, pip resolves elbolab's
+# `torch` requirement to it instead of pulling the newest build and its CUDA packages.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/elbolab fit --data digits --binarize dynamic --hidden 256 --z-dim 8 --epochs 100 --objective elbo --out runs/demo/elbo --overwrite
+	$(BIN)/elbolab fit --data digits --binarize dynamic --hidden 256 --z-dim 8 --epochs 100 --objective elbo-analytic --out runs/demo/elbo-analytic --overwrite
+	$(BIN)/elbolab evaluate runs/demo/elbo runs/demo/elbo-analytic --num-samples 5000
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/train_throughput.py
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check elbolab tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from elbolab.cli import main
+
+raise SystemExit(main())

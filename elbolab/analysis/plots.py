@@ -1,0 +1,79 @@
+"""Figures of a run: learning curves, image grids, reconstructions next to their inputs.
+
+Written with matplotlib's non-interactive Agg backend, straight to PNG files.
+"""
+
+from __future__ import annotations
+
+__all__ = ["plot_history", "plot_image_grid", "plot_reconstructions"]
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Training loss and validation -ELBO per epoch (nats per data point; lower is better)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(history["epoch"], history["train_loss"], label="training loss (−ELBO$_\\beta$)")
+    if "valid_elbo" in history and history["valid_elbo"].notna().any():
+        ax.plot(history["epoch"], -history["valid_elbo"], label="validation −ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per data point")
+    ax.set_title(title or "learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _show_grid(axes, images: Tensor, image_shape: tuple[int, int]) -> None:
+    for ax, image in zip(axes.flat, images, strict=False):
+        ax.imshow(image.detach().cpu().reshape(image_shape).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+    for ax in axes.flat:
+        ax.set_axis_off()
+
+
+def plot_image_grid(
+    images: Tensor, image_shape: tuple[int, int], path: str | Path, title: str = "", columns: int = 8
+) -> Path:
+    """A grid of images (rows of ``images`` reshaped to ``image_shape``, values clipped to [0, 1])."""
+    rows = math.ceil(images.shape[0] / columns)
+    height, width = image_shape
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.9 * width / height + 0.2, rows * 0.9 + 0.5),
+                             dpi=120, squeeze=False)
+    _show_grid(axes, images, image_shape)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reconstructions(
+    inputs: Tensor, reconstructions: Tensor, image_shape: tuple[int, int], path: str | Path, columns: int = 8
+) -> Path:
+    """Inputs (top row of each pair) above their reconstructions (bottom row)."""
+    n = inputs.shape[0]
+    pairs = math.ceil(n / columns)
+    height, width = image_shape
+    fig, axes = plt.subplots(2 * pairs, columns, figsize=(columns * 0.9 * width / height + 0.2, 2 * pairs * 0.9 + 0.5),
+                             dpi=120, squeeze=False)
+    for p in range(pairs):
+        chunk = slice(p * columns, (p + 1) * columns)
+        _show_grid(axes[2 * p : 2 * p + 1], inputs[chunk], image_shape)
+        _show_grid(axes[2 * p + 1 : 2 * p + 2], reconstructions[chunk], image_shape)
+        axes[2 * p, 0].set_title("input", fontsize=8, loc="left")
+        axes[2 * p + 1, 0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

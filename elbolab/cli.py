@@ -1,0 +1,331 @@
+"""The ``elbolab`` command: fit, evaluate and sample from latent-variable models.
+
+    elbolab fit --data digits --binarize dynamic --objective elbo --epochs 50 --out runs/digits
+    elbolab evaluate runs/digits --num-samples 5000
+    elbolab sample runs/digits --n 64
+
+Options come from flags or a TOML file (``--config``) with ``[data]``, ``[model]`` and ``[fit]``
+tables, filling the same dataclasses; flags override the file. A user's mistake ends with one
+line on stderr and exit status 2; no run folder is left half-written.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main", "build_parser"]
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyro
+import torch
+
+from elbolab import __version__
+from elbolab.analysis import plot_history, plot_image_grid, plot_reconstructions
+from elbolab.data import DATASETS, Dataset
+from elbolab.errors import InputError
+from elbolab.inference import FitConfig, RunConfig, fit, importance_estimate, load_run, resolve_device, save_run
+from elbolab.inference.checkpoint import CONFIG_FILE, METRICS_FILE, build_guide, read_json, write_json
+from elbolab.inference.objectives import OBJECTIVES, Reconstruction
+from elbolab.models import LIKELIHOODS, build_model
+from elbolab.nn import ACTIVATIONS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake on one line, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        return [_positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths such as 200,200, got {text!r}") from None
+
+
+def _binarize(text: str) -> str | None:
+    if text not in ("none", "threshold", "dynamic"):
+        raise argparse.ArgumentTypeError(f"expected none, threshold or dynamic, got {text!r}")
+    return None if text == "none" else text
+
+
+def _obs_scale(text: str) -> float | None:
+    return None if text == "learned" else _float(text)
+
+
+# flag -> (config section, field, argparse options); every flag fills one dataclass field.
+FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "--data": ("data", "name", {"metavar": "NAME", "help": f"data set: {', '.join(DATASETS)} (default digits)"}),
+    "--data-dir": ("data", "data_dir", {"metavar": "DIR", "help": "folder of the data set's files"}),
+    "--binarize": ("data", "binarize", {"type": _binarize, "metavar": "MODE",
+                   "help": "none, threshold (x>0.5) or dynamic (x~Bernoulli(x) per batch); default none"}),
+    "--train-split": ("data", "train_split", {"choices": ["train", "train+valid"],
+                      "help": "train (and report the validation ELBO each epoch) or train+valid"}),
+    "--model": ("model", "name", {"choices": ["vae", "autoencoder"], "help": "model family (default vae)"}),
+    "--z-dim": ("model", "z_dim", {"type": _positive_int, "help": "latent width (default 20)"}),
+    "--hidden": ("model", "hidden", {"type": _widths, "metavar": "W[,W...]",
+                 "help": "hidden widths of the encoder, reversed in the decoder (default 400)"}),
+    "--likelihood": ("model", "likelihood", {"choices": list(LIKELIHOODS), "help": "p(x|z) (default bernoulli)"}),
+    "--activation": ("model", "activation", {"choices": list(ACTIVATIONS), "help": "default relu"}),
+    "--obs-scale": ("model", "obs_scale", {"type": _obs_scale, "metavar": "S|learned",
+                    "help": "gaussian likelihood: fixed scale, or learned per pixel (default)"}),
+    "--objective": ("fit", "objective", {"metavar": "NAME", "help": "objective (default elbo); one of: " + ", ".join(OBJECTIVES)}),
+    "--particles": ("fit", "particles", {"type": _positive_int, "help": "samples of z per data point (default 1)"}),
+    "--beta": ("fit", "beta", {"type": _float, "help": "weight of the KL term, beta-VAE (default 1)"}),
+    "--warmup": ("fit", "warmup", {"type": _non_negative_int, "metavar": "EPOCHS",
+                 "help": "KL warm-up: beta rises linearly from 0 over this many epochs (default 0)"}),
+    "--epochs": ("fit", "epochs", {"type": _positive_int, "help": "default 10"}),
+    "--batch-size": ("fit", "batch_size", {"type": _positive_int, "help": "default 128"}),
+    "--lr": ("fit", "lr", {"type": _float, "help": "Adam learning rate (default 1e-3)"}),
+    "--seed": ("fit", "seed", {"type": int, "help": "seed of initialisation, data order and sampling (default 0)"}),
+    "--device": ("fit", "device", {"metavar": "DEV", "help": "auto, cpu, cuda or cuda:N (default auto)"}),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="elbolab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"elbolab {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    fit_parser = commands.add_parser(
+        "fit", help="train a model and write a run folder",
+        description="Train a model and guide with SVI and write a run folder: config.json, history.csv, "
+        "weights.safetensors, loss_curves.png, reconstructions.png, samples.png.",
+    )
+    fit_parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file with [data], [model], [fit] tables; flags override it")
+    for flag, (section, name, options) in FIT_FLAGS.items():
+        fit_parser.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **options)
+    fit_parser.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/DATA-MODEL-OBJECTIVE-seedN)")
+    fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    fit_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="estimate ELBO and log p(x) of runs on held-out data",
+        description="Importance-sample log p(x) (the IWAE bound with K samples) and the ELBO of each run on a "
+        "split of its data set; write metrics.json into each run folder and print a table.",
+    )
+    evaluate_parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")
+    evaluate_parser.add_argument("--num-samples", type=_positive_int, default=5000, metavar="K", help="importance samples per data point (default 5000)")
+    evaluate_parser.add_argument("--split", choices=["test", "valid", "train"], default="test", help="default test")
+    evaluate_parser.add_argument("--data-dir", metavar="DIR", help="where the data set's files are now, if moved")
+    evaluate_parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
+    evaluate_parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
+    evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+    sample_parser = commands.add_parser("sample", help="draw new data from a run's model",
+                                        description="Draw z ~ p(z), decode, and write the means of p(x|z) as an image grid (or CSV).")
+    sample_parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    sample_parser.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    sample_parser.add_argument("--seed", type=int, default=0, help="default 0")
+    sample_parser.add_argument("--out", type=Path, metavar="FILE", help="output file (default RUN/samples.png, or .csv for non-image data)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 success, 2 a user's mistake)."""
+    args = build_parser().parse_args(argv)
+    try:
+        {"fit": _fit, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+    except InputError as error:
+        print(f"elbolab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"elbolab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    raw: dict[str, dict[str, Any]] = {}
+    if args.config is not None:
+        try:
+            raw = tomllib.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{args.config}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, IsADirectoryError) as error:
+            raise InputError(f"{args.config}: not a readable TOML file ({error})") from None
+        if not raw:
+            raise InputError(f"{args.config}: the config file is empty")
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".")
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise InputError(f"{args.config}: [{section}] must be a table of options")
+            table[name] = value
+    return RunConfig.from_dict(raw, source=str(args.config) if args.config else "options")
+
+
+def check_likelihood(likelihood: str, data: Dataset) -> None:
+    """Refuse a likelihood whose support does not match the data."""
+    if likelihood == "bernoulli" and data.kind != "binary":
+        raise InputError(
+            f"the bernoulli likelihood needs binary data, but {data.name} is grayscale: "
+            "pass --binarize dynamic or threshold, or --likelihood continuous-bernoulli or gaussian"
+        )
+    if likelihood == "gaussian" and data.kind == "binary":
+        raise InputError(f"the gaussian likelihood is for real-valued data, but {data.name} is binarized: pass --binarize none")
+    if likelihood == "continuous-bernoulli" and (data.x.min() < 0 or data.x.max() > 1):
+        raise InputError(f"the continuous-bernoulli likelihood needs data in [0, 1]; {data.name} is not")
+
+
+def _fit(args: argparse.Namespace) -> None:
+    config = _run_config(args)
+    out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}-{config.fit.objective}-seed{config.fit.seed}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        what = "holds a run" if (out / CONFIG_FILE).exists() else "exists and is not an empty folder"
+        raise InputError(f"{out} {what}; pass --overwrite to replace it, or choose another --out")
+    if config.model.name == "autoencoder" and config.fit.objective != "reconstruction":
+        raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
+    if config.fit.objective not in OBJECTIVES:
+        from elbolab.errors import closest_names
+
+        raise InputError(f"unknown objective {config.fit.objective!r}; {closest_names(config.fit.objective, OBJECTIVES)}")
+    device = resolve_device(config.fit.device)
+
+    train = config.data.load(config.data.train_split)
+    valid = config.data.load("valid") if config.data.train_split == "train" else None
+    check_likelihood(config.model.likelihood, train)
+    config.x_dim, config.image_shape = train.x_dim, train.image_shape
+
+    pyro.set_rng_seed(config.fit.seed)
+    model = build_model(config.model, train.x_dim)
+    guide = build_guide(config.model, train.x_dim)
+    fc: FitConfig = config.fit
+    objective_kwargs = {} if fc.objective == "reconstruction" else {"num_particles": fc.particles}
+    start = time.perf_counter()
+    result = fit(
+        model, guide, train, objective=fc.objective, epochs=fc.epochs, batch_size=fc.batch_size, lr=fc.lr,
+        beta=fc.beta, warmup_epochs=fc.warmup, valid=valid, device=device, seed=fc.seed,
+        progress=False if args.quiet else None, **objective_kwargs,
+    )
+    seconds = time.perf_counter() - start
+
+    # Everything is written into a temporary folder beside --out and moved into place at the end,
+    # so a failure or an interruption never leaves a half-written run.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_run(staging, config, model, guide, result.history)
+        _fit_figures(staging, config, model, guide, valid if valid is not None else train)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not args.quiet:
+        last = result.history.iloc[-1]
+        valid_text = f", validation ELBO {last['valid_elbo']:.3f}" if not math.isnan(last["valid_elbo"]) else ""
+        print(f"{out}: {fc.epochs} epochs in {seconds:.1f} s on {device}, training loss {last['train_loss']:.3f}{valid_text} nats/point")
+
+
+def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, shown: Dataset) -> None:
+    plot_history(pd.read_csv(folder / "history.csv"), folder / "loss_curves.png",
+                 title=f"{config.model.name} on {config.data.name}, {config.fit.objective}")
+    if config.image_shape is None:
+        return
+    model.cpu()
+    if guide is not None:
+        guide.cpu()
+    inputs = shown.fixed_binarization(config.fit.seed).x[:16]
+    plot_reconstructions(inputs, model.reconstruct(inputs, guide), config.image_shape, folder / "reconstructions.png")
+    if config.model.name != "autoencoder":
+        plot_image_grid(model.generate(64), config.image_shape, folder / "samples.png",
+                        title=f"samples from p(z)p(x|z): means of p(x|z)")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    rows = []
+    for path in args.runs:
+        run = load_run(path, device=device)
+        data_config = run.config.data
+        if args.data_dir:
+            data_config.data_dir = args.data_dir
+        data = data_config.load(args.split).fixed_binarization(seed=0)
+        x = data.x.to(device)
+        pyro.set_rng_seed(args.seed)
+        split = args.split
+        metrics: dict[str, Any] = {"elbolab_version": __version__, "split": split, "num_points": data.num_points}
+        if run.guide is None:
+            with torch.no_grad(), pyro.validation_enabled(False):
+                loss = sum(Reconstruction().differentiable_loss(run.model, None, chunk).item() for chunk in x.split(1000))
+            metrics[f"{split}_reconstruction_loss"] = loss / data.num_points
+        else:
+            estimate = importance_estimate(run.model, run.guide, x, num_samples=args.num_samples,
+                                           progress=False if args.quiet else None)
+            metrics |= {
+                f"{split}_elbo": estimate.elbo.mean().item(),
+                f"{split}_log_likelihood": estimate.log_likelihood.mean().item(),
+                f"{split}_reconstruction_loss": -estimate.reconstruction.mean().item(),
+                f"{split}_ess_fraction": (estimate.ess.mean() / args.num_samples).item(),
+                "num_samples": args.num_samples,
+            }
+        metrics_path = path / METRICS_FILE
+        previous = read_json(metrics_path) if metrics_path.exists() else {}
+        write_json(metrics_path, previous | metrics)
+        rows.append({"run": str(path), "model": run.config.model.name, "objective": run.config.fit.objective,
+                     **{k.removeprefix(f"{split}_"): v for k, v in metrics.items() if k.startswith(f"{split}_")}})
+    if not args.quiet:
+        table = pd.DataFrame(rows)
+        if "elbo" in table and "log_likelihood" in table:
+            table["gap"] = table["log_likelihood"] - table["elbo"]
+        print(f"{args.split} split, nats per data point" + (f", K = {args.num_samples}" if "log_likelihood" in table else ""))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    run = load_run(args.run)
+    if run.config.model.name == "autoencoder":
+        raise InputError(f"{args.run} is an autoencoder: it has no prior over codes and cannot generate")
+    pyro.set_rng_seed(args.seed)
+    with pyro.validation_enabled(False):
+        samples = run.model.generate(args.n)
+    image_shape = run.config.image_shape
+    out = args.out or args.run / ("samples.png" if image_shape else "samples.csv")
+    if out.suffix == ".png" and image_shape:
+        plot_image_grid(samples, image_shape, out, title=f"{args.n} samples, seed {args.seed}")
+    elif out.suffix == ".csv":
+        pd.DataFrame(samples.numpy()).to_csv(out, index=False)
+    else:
+        raise InputError(f"{out}: write samples to a .png (image data) or .csv file")
+    print(out)

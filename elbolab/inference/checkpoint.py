@@ -1,0 +1,202 @@
+"""Runs on disk: weights as safetensors, config and metrics as JSON, history as CSV.
+
+Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A run folder:
+
+    config.json           RunConfig: [data], [model], [fit] sections, data shape, format version
+    weights.safetensors   model and guide state, keys prefixed "model." and "guide."
+    history.csv           one row per epoch (see FitResult)
+    metrics.json          written by `elbolab evaluate`
+"""
+
+from __future__ import annotations
+
+__all__ = ["FORMAT_VERSION", "RunConfig", "Run", "save_run", "load_run", "read_json", "write_json"]
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from elbolab.data import DataConfig
+from elbolab.errors import InputError, closest_names
+from elbolab.guides import GaussianGuide
+from elbolab.inference.fit import FitConfig
+from elbolab.models import ModelConfig, build_model
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, METRICS_FILE = (
+    "config.json",
+    "weights.safetensors",
+    "history.csv",
+    "metrics.json",
+)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run: what a TOML config file or the CLI flags fill.
+
+    Attributes:
+        data, model, fit: the three sections.
+        x_dim, image_shape: the shape of the training data, recorded when the run is fitted so
+            that the model can be rebuilt without reading the data.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    x_dim: int | None = None
+    image_shape: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "data": self.data.to_dict(),
+            "model": self.model.to_dict(),
+            "fit": self.fit.to_dict(),
+            "x_dim": self.x_dim,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build from nested dicts (a TOML file, config.json); unknown keys are errors."""
+        raw = dict(raw)
+        version = raw.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise InputError(f"{source}: format version {version} is not supported (this elbolab reads {FORMAT_VERSION})")
+        sections = {"data": DataConfig, "model": ModelConfig, "fit": FitConfig}
+        unknown = set(raw) - set(sections) - {"x_dim", "image_shape"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise InputError(f"{source}: unknown key {key!r}; {closest_names(key, [*sections, 'x_dim', 'image_shape'])}")
+        built = {}
+        for name, section_cls in sections.items():
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise InputError(f"{source}: [{name}] must be a table of options")
+            allowed = {f.name for f in fields(section_cls)}
+            for key in values:
+                if key not in allowed:
+                    raise InputError(f"{source}: unknown key {key!r} in [{name}]; {closest_names(key, allowed)}")
+            try:
+                built[name] = section_cls(**values)
+            except TypeError as error:
+                raise InputError(f"{source}: [{name}]: {error}") from None
+        image_shape = raw.get("image_shape")
+        return cls(**built, x_dim=raw.get("x_dim"), image_shape=tuple(image_shape) if image_shape else None)
+
+
+@dataclass
+class Run:
+    """A run loaded from disk: rebuilt model and guide with their weights, config and history."""
+
+    path: Path
+    config: RunConfig
+    model: nn.Module
+    guide: nn.Module | None
+    history: pd.DataFrame
+
+
+def build_guide(config: ModelConfig, x_dim: int) -> GaussianGuide | None:
+    """The guide elbolab pairs with a built-in model: a Gaussian encoder of the same widths."""
+    if config.name == "autoencoder":
+        return None
+    return GaussianGuide(x_dim, config.z_dim, config.hidden, activation=config.activation)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
+    _atomic_write(path, json.dumps(payload, indent=2, allow_nan=True).encode())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return payload
+
+
+def save_run(
+    path: str | Path,
+    config: RunConfig,
+    model: nn.Module,
+    guide: nn.Module | None,
+    history: pd.DataFrame,
+) -> Path:
+    """Write a run folder (config, weights, history); each file is written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if guide is not None:
+        tensors |= {f"guide.{k}": v for k, v in guide.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        save_file(tensors, Path(tmp) / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
+        _fsync_and_rename(Path(tmp) / WEIGHTS_FILE, path / WEIGHTS_FILE)
+    write_json(path / CONFIG_FILE, config.to_dict())
+    _atomic_write(path / HISTORY_FILE, history.to_csv(index=False).encode())
+    return path
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Rebuild a run's model and guide from its folder and load their weights onto ``device``.
+
+    Example:
+        >>> run = load_run("runs/digits-elbo")
+        >>> log_likelihood(run.model, run.guide, test_x)
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: no such run folder")
+    config = RunConfig.from_dict(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+    if config.x_dim is None:
+        raise InputError(f"{path / CONFIG_FILE}: x_dim is missing; was this run fitted?")
+    model = build_model(config.model, config.x_dim)
+    guide = build_guide(config.model, config.x_dim)
+    weights_path = path / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights_path)
+    except FileNotFoundError:
+        raise InputError(f"{weights_path}: no such file") from None
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    for prefix, module in (("model.", model), ("guide.", guide)):
+        if module is None:
+            continue
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise InputError(f"{weights_path}: weights do not fit the configured {prefix[:-1]} ({first})") from None
+        module.to(device).eval()
+    history_path = path / HISTORY_FILE
+    history = pd.read_csv(history_path) if history_path.exists() else pd.DataFrame()
+    return Run(path, config, model, guide, history)
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(payload)
+    _fsync_and_rename(Path(tmp), path)
+
+
+def _fsync_and_rename(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
