@@ -11,7 +11,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Install torch first and on its own: with the pinned build present, pip resolves elbolab's
 # `torch` requirement to it instead of pulling the newest build and its CUDA packages.

@@ -7,9 +7,9 @@ Its marginal is Gaussian, ``x ~ N(b, W W^T + sigma^2 I)``, and so is its posteri
     z | x ~ N(mu(x), Sigma),   Sigma = (I + W^T W / sigma^2)^{-1},   mu(x) = Sigma W^T (x - b) / sigma^2,
 
 so every estimator of log p(x) and every objective can be checked against the truth
-(Tipping & Bishop 1999, "Probabilistic principal component analysis"). The columns of ``W`` are
-drawn with different scales and mixed, so the exact posterior is a correlated Gaussian that a
-diagonal guide cannot match exactly.
+(Tipping & Bishop 1999, "Probabilistic principal component analysis"). The columns of ``W`` have
+different scales and are mixed, so the exact posterior is a correlated Gaussian that a diagonal
+guide cannot match exactly.
 """
 
 from __future__ import annotations
@@ -52,13 +52,19 @@ class LinearGaussian(nn.Module):
 
     @classmethod
     def random(
-        cls, x_dim: int = 16, z_dim: int = 4, noise_scale: float = 0.5, seed: int = 0
+        cls, x_dim: int = 16, z_dim: int = 4, noise_scale: float = 0.5, mixing: float = 0.35, seed: int = 0
     ) -> LinearGaussian:
-        """A model whose loadings have unequal column scales and mixed directions (seeded)."""
+        """A model with loadings ``W = Q diag(3 ... 1) (I + mixing * G)`` (seeded).
+
+        ``Q`` has orthonormal columns and ``G`` is standard normal: ``mixing`` sets how correlated
+        the posterior is. At the defaults its largest correlation is about 0.55, the best
+        diagonal Gaussian guide's ELBO is about 0.4 nats below log p(x), and 5,000 importance
+        samples from that guide recover log p(x) within about 0.02 nats.
+        """
         g = torch.Generator().manual_seed(seed)
-        mixing = torch.randn(z_dim, z_dim, generator=g)
-        column_scales = torch.linspace(2.0, 0.5, z_dim)
-        weight = torch.randn(x_dim, z_dim, generator=g) * column_scales @ mixing / math.sqrt(z_dim)
+        basis, _ = torch.linalg.qr(torch.randn(x_dim, z_dim, generator=g))
+        mix = torch.eye(z_dim) + mixing * torch.randn(z_dim, z_dim, generator=g)
+        weight = basis * torch.linspace(3.0, 1.0, z_dim) @ mix
         bias = torch.randn(x_dim, generator=g)
         return cls(weight, bias, noise_scale)
 

@@ -14,7 +14,7 @@ from elbolab.inference import ELBO, get_objective
 
 @pytest.fixture
 def problem():
-    model = LinearGaussian.random(x_dim=6, z_dim=3, noise_scale=0.7, seed=1)
+    model = LinearGaussian.random(x_dim=6, z_dim=3, noise_scale=2.0, seed=1)
     x = model.sample(5, generator=torch.Generator().manual_seed(2))
     guide = GaussianGuide(6, 3, hidden=(8,))
     return model, guide, x
@@ -30,11 +30,13 @@ def closed_form_neg_elbo(model, guide, x, beta=1.0):
 @pytest.mark.parametrize("name", ["elbo", "elbo-analytic"])
 def test_value_matches_closed_form(problem, name):
     model, guide, x = problem
+    objective = get_objective(name, num_particles=20_000)
     with torch.no_grad():
-        loss = get_objective(name, num_particles=40_000).differentiable_loss(model, guide, x)
+        losses = torch.stack([objective.differentiable_loss(model, guide, x) for _ in range(8)])
         exact = closed_form_neg_elbo(model, guide, x)
-    # Monte Carlo error of the mean of 40,000 draws: well under 0.05 nats for this problem.
-    assert loss.item() == pytest.approx(exact.item(), abs=0.05)
+    standard_error = losses.std() / 8**0.5
+    assert standard_error < 0.2  # enough draws for the comparison to mean something
+    assert (losses.mean() - exact).abs() < 4 * standard_error + 1e-3
 
 
 def test_analytic_kl_equals_average_monte_carlo_kl(problem):
@@ -52,7 +54,7 @@ def test_analytic_kl_equals_average_monte_carlo_kl(problem):
         loc, scale = guide.encode(x)
         exact_kl = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).sum()
     assert (analytic - analytic_no_kl).item() == pytest.approx(exact_kl.item(), rel=1e-5)
-    assert (mc - mc_no_kl).item() == pytest.approx(exact_kl.item(), abs=0.03)
+    assert (mc - mc_no_kl).item() == pytest.approx(exact_kl.item(), rel=0.01)
 
 
 def test_exact_posterior_gives_log_evidence_with_zero_variance():
