@@ -1,0 +1,101 @@
+"""The elbolab command end to end, and its refusals: one line, exit status 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from elbolab.cli import main
+
+TINY = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--epochs", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["fit", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_fit_writes_a_complete_run_folder(fitted_run):
+    names = sorted(p.name for p in fitted_run.iterdir())
+    assert names == ["config.json", "history.csv", "loss_curves.png", "reconstructions.png", "samples.png", "weights.safetensors"]
+    config = json.loads((fitted_run / "config.json").read_text())
+    assert config["model"]["hidden"] == [16] and config["fit"]["epochs"] == 2 and config["x_dim"] == 64
+    assert len(pd.read_csv(fitted_run / "history.csv")) == 2
+
+
+def test_evaluate_writes_metrics_and_prints_a_table(fitted_run, capsys):
+    assert main(["evaluate", str(fitted_run), "--num-samples", "20"]) == 0
+    metrics = json.loads((fitted_run / "metrics.json").read_text())
+    assert metrics["num_samples"] == 20 and metrics["num_points"] == 360
+    assert metrics["test_elbo"] <= metrics["test_log_likelihood"] < 0
+    assert "log_likelihood" in capsys.readouterr().out
+
+
+def test_sample_writes_an_image_grid(fitted_run, tmp_path):
+    assert main(["sample", str(fitted_run), "--n", "9", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_toml_config_fills_the_same_fields_and_flags_override(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[data]\nname = "digits"\nbinarize = "dynamic"\n[model]\nz_dim = 3\nhidden = [16]\n[fit]\nepochs = 1\nseed = 4\n')
+    out = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["model"]["z_dim"] == 3 and written["fit"]["epochs"] == 2 and written["fit"]["seed"] == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "--epochs", "-1"], "--epochs"),
+        (["fit", "--objective", "elbo-analytc"], "did you mean 'elbo-analytic'"),
+        (["fit", "--data", "cifar"], "unknown data set 'cifar'"),
+        (["fit", "--data", "binarized-mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
+        (["fit", "--data", "digits"], "bernoulli likelihood needs binary data"),
+        (["fit", "--model", "autoencoder", "--binarize", "dynamic"], "--objective reconstruction"),
+        (["fit", "--binarize", "dynamic", "--device", "cuda:7"], "CUDA is not available"),
+        (["fit", "--hidden", "10,x"], "--hidden"),
+        (["fit", "--config", "/nonexistent.toml"], "no such config file"),
+        (["evaluate", "/nonexistent-run"], "no such run folder"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(tmp_path, argv, message):
+    if "cuda:7" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "out"
+    argv = [*argv, "--out", str(out)] if argv[0] == "fit" else argv
+    result = subprocess.run([sys.executable, "-m", "elbolab", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_bad_toml_and_unknown_keys(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nz_dim = 3")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[model]\nzdim = 3\n")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    for path, message in [(bad, "not a readable TOML"), (unknown, "did you mean 'z_dim'"), (empty, "empty")]:
+        result = subprocess.run([sys.executable, "-m", "elbolab", "fit", "--config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_existing_run_is_not_overwritten_without_flag(fitted_run):
+    before = (fitted_run / "weights.safetensors").read_bytes()
+    assert main(["fit", *TINY, "--out", str(fitted_run)]) == 2
+    assert (fitted_run / "weights.safetensors").read_bytes() == before
+
+
+def test_help_explains_every_command():
+    for command in ("fit", "evaluate", "sample"):
+        result = subprocess.run([sys.executable, "-m", "elbolab", command, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: elbolab " + command in result.stdout
