@@ -19,7 +19,7 @@ import time
 import pyro
 import torch
 
-from elbolab import GaussianGuide, VAE, fit, importance_estimate, load_dataset
+from elbolab import VAE, GaussianGuide, fit, importance_estimate, load_dataset
 
 
 def main() -> None:

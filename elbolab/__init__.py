@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from elbolab.data import DataConfig, Dataset, load_dataset  # noqa: E402
-from elbolab.errors import InputError  # noqa: E402
-from elbolab.guides import GaussianGuide  # noqa: E402
-from elbolab.inference import (  # noqa: E402
+from elbolab.data import DataConfig, Dataset, load_dataset
+from elbolab.errors import InputError
+from elbolab.guides import GaussianGuide
+from elbolab.inference import (
     ELBO,
     FitConfig,
     RunConfig,
@@ -16,7 +16,7 @@ from elbolab.inference import (  # noqa: E402
     log_likelihood,
     save_run,
 )
-from elbolab.models import VAE, Autoencoder, ModelConfig  # noqa: E402
+from elbolab.models import VAE, Autoencoder, ModelConfig
 
 __all__ = [
     "ELBO",

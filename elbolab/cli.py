@@ -11,7 +11,7 @@ line on stderr and exit status 2; no run folder is left half-written.
 
 from __future__ import annotations
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 import argparse
 import math
@@ -31,8 +31,22 @@ from elbolab import __version__
 from elbolab.analysis import plot_history, plot_image_grid, plot_reconstructions
 from elbolab.data import DATASETS, Dataset
 from elbolab.errors import InputError
-from elbolab.inference import FitConfig, RunConfig, fit, importance_estimate, load_run, resolve_device, save_run
-from elbolab.inference.checkpoint import CONFIG_FILE, METRICS_FILE, build_guide, read_json, write_json
+from elbolab.inference import (
+    FitConfig,
+    RunConfig,
+    fit,
+    importance_estimate,
+    load_run,
+    resolve_device,
+    save_run,
+)
+from elbolab.inference.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    build_guide,
+    read_json,
+    write_json,
+)
 from elbolab.inference.objectives import OBJECTIVES, Reconstruction
 from elbolab.models import LIKELIHOODS, build_model
 from elbolab.nn import ACTIVATIONS
@@ -270,7 +284,7 @@ def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, shown:
     plot_reconstructions(inputs, model.reconstruct(inputs, guide), config.image_shape, folder / "reconstructions.png")
     if config.model.name != "autoencoder":
         plot_image_grid(model.generate(64), config.image_shape, folder / "samples.png",
-                        title=f"samples from p(z)p(x|z): means of p(x|z)")
+                        title="samples from p(z)p(x|z): means of p(x|z)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ same encoder trunk, and every decoder the same MLP.
 
 from __future__ import annotations
 
-__all__ = ["ACTIVATIONS", "mlp", "GaussianEncoder"]
+__all__ = ["ACTIVATIONS", "GaussianEncoder", "mlp"]
 
 from collections.abc import Sequence
 

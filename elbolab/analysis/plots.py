@@ -13,9 +13,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from torch import Tensor
 
 
 def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:

@@ -10,7 +10,7 @@ Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A 
 
 from __future__ import annotations
 
-__all__ = ["FORMAT_VERSION", "RunConfig", "Run", "save_run", "load_run", "read_json", "write_json"]
+__all__ = ["FORMAT_VERSION", "Run", "RunConfig", "load_run", "read_json", "save_run", "write_json"]
 
 import json
 import os

@@ -24,7 +24,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from elbolab.data import Dataset, check_data
+from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference.evaluate import importance_estimate
 from elbolab.inference.objectives import get_objective

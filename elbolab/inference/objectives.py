@@ -7,7 +7,7 @@ name here unchanged. Add one with :func:`register_objective`.
 
 from __future__ import annotations
 
-__all__ = ["OBJECTIVES", "register_objective", "get_objective", "reconstruction_objective"]
+__all__ = ["OBJECTIVES", "get_objective", "reconstruction_objective", "register_objective"]
 
 from collections.abc import Callable
 from typing import Any

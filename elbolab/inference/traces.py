@@ -11,12 +11,12 @@ from __future__ import annotations
 __all__ = [
     "DATA_PLATE",
     "PARTICLE_PLATE",
-    "run_traced",
-    "max_plate_nesting",
-    "sample_sites",
-    "site_log_prob",
     "data_plate_dim",
     "log_weights_per_point",
+    "max_plate_nesting",
+    "run_traced",
+    "sample_sites",
+    "site_log_prob",
 ]
 
 from collections.abc import Callable

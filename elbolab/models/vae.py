@@ -10,7 +10,7 @@ likelihood for grayscale data. The encoder is not part of the model: it is the g
 
 from __future__ import annotations
 
-__all__ = ["LIKELIHOODS", "ModelConfig", "Likelihood", "VAE", "Autoencoder"]
+__all__ = ["LIKELIHOODS", "VAE", "Autoencoder", "Likelihood", "ModelConfig"]
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass

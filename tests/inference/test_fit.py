@@ -41,12 +41,12 @@ def test_same_seed_same_result_and_different_seed_differs(digits):
         runs.append((fit(model, guide, digits, epochs=2, seed=seed, progress=False), model))
     (first, m0), (second, m1), (_, m2) = runs
     assert first.history["train_loss"].tolist() == second.history["train_loss"].tolist()
-    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values(), strict=True))
     assert not torch.equal(m0.decoder[0].weight, m2.decoder[0].weight)
 
 
 def test_two_fits_share_no_state(digits):
-    first_model, first_guide = small_vae()
+    first_model, _ = small_vae()
     before = {k: v.clone() for k, v in first_model.state_dict().items()}
     second_model, second_guide = small_vae()
     fit(second_model, second_guide, digits, epochs=1, progress=False)
