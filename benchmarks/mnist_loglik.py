@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-bias-init", action="store_true", help="leave the decoder's output bias at its random init")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -38,6 +39,8 @@ def main() -> None:
     test = load_dataset("binarized-mnist", "test", data_dir=args.data_dir)
     pyro.set_rng_seed(args.seed)
     model = VAE(784, 50, hidden=(200, 200), activation="tanh")
+    if not args.no_bias_init:
+        model.init_output_bias(train.x)
     guide = GaussianGuide(784, 50, hidden=(200, 200), activation="tanh")
     start = time.perf_counter()
     result = fit(model, guide, train, objective=args.objective, num_particles=args.particles,
@@ -53,6 +56,7 @@ def main() -> None:
         "objective": args.objective,
         "particles": args.particles,
         "epochs": args.epochs,
+        "output_bias_init": not args.no_bias_init,
         "test_elbo": estimate.elbo.mean().item(),
         "test_log_likelihood": estimate.log_likelihood.mean().item(),
         "num_samples": args.num_samples,

@@ -30,7 +30,7 @@ import torch
 from elbolab import __version__
 from elbolab.analysis import plot_history, plot_image_grid, plot_reconstructions
 from elbolab.data import DATASETS, Dataset
-from elbolab.errors import InputError
+from elbolab.errors import InputError, closest_names
 from elbolab.inference import (
     FitConfig,
     RunConfig,
@@ -48,7 +48,7 @@ from elbolab.inference.checkpoint import (
     write_json,
 )
 from elbolab.inference.objectives import OBJECTIVES, Reconstruction
-from elbolab.models import LIKELIHOODS, build_model
+from elbolab.models import LIKELIHOODS, VAE, build_model
 from elbolab.nn import ACTIVATIONS
 
 
@@ -231,8 +231,6 @@ def _fit(args: argparse.Namespace) -> None:
     if config.model.name == "autoencoder" and config.fit.objective != "reconstruction":
         raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
     if config.fit.objective not in OBJECTIVES:
-        from elbolab.errors import closest_names
-
         raise InputError(f"unknown objective {config.fit.objective!r}; {closest_names(config.fit.objective, OBJECTIVES)}")
     device = resolve_device(config.fit.device)
 
@@ -244,6 +242,8 @@ def _fit(args: argparse.Namespace) -> None:
     pyro.set_rng_seed(config.fit.seed)
     model = build_model(config.model, train.x_dim)
     guide = build_guide(config.model, train.x_dim)
+    if isinstance(model, VAE):
+        model.init_output_bias(train.x)
     fc: FitConfig = config.fit
     objective_kwargs = {} if fc.objective == "reconstruction" else {"num_particles": fc.particles}
     start = time.perf_counter()

@@ -82,7 +82,7 @@ class ELBO(pyro.infer.ELBO):
             for _, site in sample_sites(guide_trace):
                 if not site["is_observed"]:
                     kl = kl + site_log_prob(site).sum()
-        loss = self.beta * kl - log_lik
+        loss = (kl if self.beta == 1.0 else self.beta * kl) - log_lik
         return loss / self.num_particles if self.num_particles > 1 else loss
 
     def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict):

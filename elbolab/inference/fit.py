@@ -9,7 +9,7 @@ first step only (the data were checked once at the boundary).
 
 from __future__ import annotations
 
-__all__ = ["FitConfig", "FitResult", "fit", "resolve_device"]
+__all__ = ["FitConfig", "FitResult", "fit", "make_adam", "resolve_device"]
 
 import math
 import time
@@ -184,7 +184,7 @@ def fit(
     params = _collect_params(model, guide, objective, first_batch)
     if not params:
         raise InputError("the model and guide have no parameters to train")
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = make_adam(params, lr)
 
     rows = []
     step = 0
@@ -235,6 +235,17 @@ def fit(
     return FitResult(model, guide if guide is not _no_guide else None, pd.DataFrame(rows), objective)
 
 
+def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam, with torch's fused kernel where every parameter allows it.
+
+    The fused step updates all parameters in one kernel instead of about ten per parameter
+    tensor: on 2 CPU cores it takes 0.4 ms instead of 1.1 ms for a 784-400-20 VAE, a sixth of
+    a training step (benchmarks/RESULTS.md). Same update rule, same results up to rounding.
+    """
+    fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fusable or None)
+
+
 def _as_matrix(data: Dataset | Tensor, what: str) -> tuple[Tensor, bool]:
     if isinstance(data, Dataset):
         return data.x, data.dynamic_binarization
@@ -242,7 +253,9 @@ def _as_matrix(data: Dataset | Tensor, what: str) -> tuple[Tensor, bool]:
         raise InputError(f"{what} must be a Dataset or a tensor, got {type(data).__name__}")
     if data.ndim < 2 or data.shape[0] == 0:
         raise InputError(f"{what} must have shape [N, ...] with N > 0, got {tuple(data.shape)}")
-    if not torch.isfinite(data).all():
+    # One reduction first: a finite sum proves every value finite (the elementwise check
+    # costs as much as a few training steps on a large data set).
+    if not torch.isfinite(data.sum()) and not torch.isfinite(data).all():
         raise InputError(f"{what} contain NaN or infinite values")
     return data.float(), False
 

@@ -93,9 +93,13 @@ def site_log_prob(site: dict) -> Tensor:
         log_prob = log_prob.masked_fill(~mask, 0.0)
     elif mask is False:
         log_prob = torch.zeros_like(log_prob)
-    if site["scale"] is not None and not (isinstance(site["scale"], float) and site["scale"] == 1.0):
+    if not _is_unit(site["scale"]):
         log_prob = log_prob * site["scale"]
     return log_prob
+
+
+def _is_unit(scale: Any) -> bool:
+    return scale is None or (isinstance(scale, (int, float)) and scale == 1.0)
 
 
 def data_plate_dim(trace: Trace) -> int:

@@ -137,6 +137,24 @@ class VAE(nn.Module):
         self.register_buffer("prior_loc", torch.zeros(z_dim), persistent=False)
         self.register_buffer("prior_scale", torch.ones(z_dim), persistent=False)
 
+    @torch.no_grad()
+    def init_output_bias(self, x: Tensor) -> VAE:
+        """Start the decoder at the data's per-pixel mean (returns ``self``).
+
+        Sets the output layer's bias so that ``p(x | z)`` has the mean of ``x`` when the rest of
+        the decoder outputs zero: the pixel log-odds for the Bernoulli likelihoods, the pixel
+        mean for the Gaussian (Hinton 2010, "A practical guide to training restricted Boltzmann
+        machines", section 8.1, for the visible biases). Training then starts from the marginal
+        statistics instead of spending its first epochs learning them: on binarized MNIST this
+        is worth several nats after 10 epochs.
+        """
+        mean = x.reshape(-1, self.x_dim).float().mean(0).to(self.decoder[-1].bias.device)
+        if self.config.likelihood == "gaussian":
+            self.decoder[-1].bias.copy_(mean)
+        else:
+            self.decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+        return self
+
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
         n = x.shape[0] if x is not None else (batch_size or 1)
         with pyro.plate("data", n):

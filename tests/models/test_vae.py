@@ -94,3 +94,18 @@ def test_generation_follows_the_prior():
     with torch.no_grad():
         model.decoder[-1].weight.zero_()
     assert torch.allclose(model.generate(7), torch.sigmoid(model.decoder[-1].bias).expand(7, 4))
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_output_bias_init_starts_the_decoder_at_the_data_mean(likelihood):
+    x = data_for(likelihood, n=50)
+    model = VAE(10, 3, hidden=(8,), likelihood=likelihood, obs_scale=0.3 if likelihood == "gaussian" else None)
+    model.init_output_bias(x)
+    with torch.no_grad():
+        model.decoder[-1].weight.zero_()
+    mean = model.generate(4)
+    if likelihood == "continuous-bernoulli":  # logit of the mean, as for the Bernoulli: mean of CB differs
+        expected = VAE(10, 3, likelihood=likelihood).observation(torch.logit(x.mean(0).clamp(1e-3, 1 - 1e-3))).mean
+        assert torch.allclose(mean, expected.expand(4, 10), atol=1e-5)
+    else:
+        assert torch.allclose(mean, x.mean(0).clamp(1e-3, 1 - 1e-3).expand(4, 10), atol=1e-5)
