@@ -144,9 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
         "fit", help="train a model and write a run folder",
         description="Train a model and guide with SVI and write a run folder: config.json, history.csv, "
         "weights.safetensors, loss_curves.png, reconstructions.png, samples.png.",
+        epilog="examples:\n"
+        "  elbolab fit --binarize dynamic --epochs 100 --out runs/digits\n"
+        "  elbolab fit --data binarized-mnist --data-dir DIR --train-split train+valid \\\n"
+        "      --hidden 200,200 --z-dim 50 --activation tanh --batch-size 100 --epochs 30\n"
+        "  elbolab fit --config run.toml --seed 3   # [data], [model], [fit] tables; flags override\n\n"
+        "A Bernoulli likelihood needs binary data: binarize grayscale data sets, or choose\n"
+        "--likelihood continuous-bernoulli or gaussian with --binarize none.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fit_parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file with [data], [model], [fit] tables; flags override it")
     for flag, (section, name, options) in FIT_FLAGS.items():
+        if "choices" not in options:
+            options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
         fit_parser.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **options)
     fit_parser.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/DATA-MODEL-OBJECTIVE-seedN)")
     fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from elbolab.config import dataclass_from_dict
 from elbolab.data.synthetic import LinearGaussian
 from elbolab.errors import InputError, closest_names
 
@@ -103,6 +104,10 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> DataConfig:
+        return dataclass_from_dict(cls, values, source)
 
     def load(self, split: str = "train") -> Dataset:
         return load_dataset(self.name, split, data_dir=self.data_dir, binarize=self.binarize)

@@ -15,7 +15,7 @@ __all__ = ["FORMAT_VERSION", "Run", "RunConfig", "load_run", "read_json", "save_
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,19 +78,10 @@ class RunConfig:
         if unknown:
             key = sorted(unknown)[0]
             raise InputError(f"{source}: unknown key {key!r}; {closest_names(key, [*sections, 'x_dim', 'image_shape'])}")
-        built = {}
-        for name, section_cls in sections.items():
-            values = raw.get(name, {})
-            if not isinstance(values, dict):
-                raise InputError(f"{source}: [{name}] must be a table of options")
-            allowed = {f.name for f in fields(section_cls)}
-            for key in values:
-                if key not in allowed:
-                    raise InputError(f"{source}: unknown key {key!r} in [{name}]; {closest_names(key, allowed)}")
-            try:
-                built[name] = section_cls(**values)
-            except TypeError as error:
-                raise InputError(f"{source}: [{name}]: {error}") from None
+        built = {
+            name: section_cls.from_dict(raw.get(name, {}), source=f"{source} [{name}]")
+            for name, section_cls in sections.items()
+        }
         image_shape = raw.get("image_shape")
         return cls(**built, x_dim=raw.get("x_dim"), image_shape=tuple(image_shape) if image_shape else None)
 

@@ -24,6 +24,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from elbolab.config import dataclass_from_dict
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference.evaluate import importance_estimate
@@ -69,6 +70,10 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> FitConfig:
+        return dataclass_from_dict(cls, values, source)
 
 
 @dataclass

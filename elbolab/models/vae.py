@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import Tensor, nn
 
+from elbolab.config import dataclass_from_dict
 from elbolab.errors import InputError, closest_names
 from elbolab.nn import ACTIVATIONS, mlp
 
@@ -71,6 +72,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"hidden": list(self.hidden)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> ModelConfig:
+        return dataclass_from_dict(cls, values, source)
 
 
 class Likelihood(nn.Module):

@@ -73,7 +73,7 @@ def test_weights_of_another_configuration_are_refused(saved_run):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["model"].update(colour="red"), "unknown key 'colour' in \\[model\\]"),
+        (lambda c: c["model"].update(colour="red"), "\\[model\\]: unknown key 'colour'"),
         (lambda c: c.update(format_version=99), "format version 99"),
         (lambda c: c["fit"].update(epochs=-1), "epochs"),
     ],
