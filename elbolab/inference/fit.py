@@ -28,7 +28,7 @@ from elbolab.config import dataclass_from_dict
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference.evaluate import importance_estimate
-from elbolab.inference.objectives import get_objective
+from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
 
 
@@ -178,7 +178,7 @@ def fit(
             f"beta and KL warm-up weight a KL term, which the {type(objective).__name__} objective does not have"
         )
     if guide is None:
-        guide = _no_guide
+        guide = no_guide
 
     pyro.set_rng_seed(seed)
     for module in (model, guide):
@@ -191,6 +191,8 @@ def fit(
         raise InputError("the model and guide have no parameters to train")
     optimizer = make_adam(params, lr)
 
+    if getattr(objective, "supports_beta", False):
+        objective.beta = beta
     rows = []
     step = 0
     bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=None if progress is None else not progress)
@@ -207,8 +209,6 @@ def fit(
                     batch = torch.bernoulli(batch)
                 if warmup_steps:
                     objective.beta = kl_warmup(step, warmup_steps, beta)
-                elif getattr(objective, "supports_beta", False):
-                    objective.beta = beta
                 loss = objective.differentiable_loss(model, guide, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -237,7 +237,7 @@ def fit(
             )
             bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}")
     _set_train(model, guide, False)
-    return FitResult(model, guide if guide is not _no_guide else None, pd.DataFrame(rows), objective)
+    return FitResult(model, guide if guide is not no_guide else None, pd.DataFrame(rows), objective)
 
 
 def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
@@ -293,7 +293,3 @@ def _set_train(model: Any, guide: Any, mode: bool) -> None:
     for module in (model, guide):
         if isinstance(module, nn.Module):
             module.train(mode)
-
-
-def _no_guide(*args: Any, **kwargs: Any) -> None:
-    return None

@@ -7,7 +7,7 @@ name here unchanged. Add one with :func:`register_objective`.
 
 from __future__ import annotations
 
-__all__ = ["OBJECTIVES", "get_objective", "reconstruction_objective", "register_objective"]
+__all__ = ["OBJECTIVES", "Reconstruction", "get_objective", "no_guide", "register_objective"]
 
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +68,7 @@ class Reconstruction:
     num_particles = 1
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
-        model_trace, _ = run_traced(model, _no_guide, args, kwargs)
+        model_trace, _ = run_traced(model, no_guide, args, kwargs)
         loss: Tensor | float = 0.0
         for name, site in sample_sites(model_trace):
             if not site["is_observed"]:
@@ -80,10 +80,11 @@ class Reconstruction:
         return loss
 
 
-def _no_guide(*args: Any, **kwargs: Any) -> None:
+def no_guide(*args: Any, **kwargs: Any) -> None:
+    """The guide of a model without latent sites: samples nothing."""
     return None
 
 
 @register_objective("reconstruction")
-def reconstruction_objective() -> Reconstruction:
+def _reconstruction() -> Reconstruction:
     return Reconstruction()
