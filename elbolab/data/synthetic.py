@@ -84,7 +84,7 @@ class LinearGaussian(nn.Module):
 
     def marginal(self) -> dist.MultivariateNormal:
         """The exact marginal ``p(x) = N(b, W W^T + sigma^2 I)``."""
-        cov = self.weight @ self.weight.T + self.noise_scale**2 * torch.eye(self.x_dim)
+        cov = self.weight @ self.weight.T + self.noise_scale**2 * torch.eye(self.x_dim, dtype=self.weight.dtype)
         return dist.MultivariateNormal(self.bias, covariance_matrix=cov)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
@@ -93,7 +93,7 @@ class LinearGaussian(nn.Module):
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Exact posterior ``p(z | x) = N(mean, cov)``: ``mean`` of shape ``[N, k]``, ``cov`` ``[k, k]``."""
-        precision = torch.eye(self.z_dim) + self.weight.T @ self.weight / self.noise_scale**2
+        precision = torch.eye(self.z_dim, dtype=self.weight.dtype) + self.weight.T @ self.weight / self.noise_scale**2
         cov = torch.linalg.inv(precision)
         mean = (x - self.bias) @ self.weight @ cov / self.noise_scale**2
         return mean, cov

@@ -5,7 +5,9 @@
 ``elbo`` estimates the whole bound by Monte Carlo, ``log p(x, z) - log q(z | x)`` at
 ``z ~ q`` (Pyro's ``Trace_ELBO`` semantics); ``elbo-analytic`` replaces ``log q - log p`` of each
 latent site by its closed-form KL (``TraceMeanField_ELBO`` semantics), which removes that
-term's sampling variance (Kingma & Welling 2014, appendix B). ``beta != 1`` is the beta-VAE
+term's sampling variance (Kingma & Welling 2014, appendix B); ``elbo-stl`` keeps the Monte
+Carlo KL but drops its zero-mean score term from the gradient ("sticking the landing", Roeder
+et al. 2017). ``beta != 1`` is the beta-VAE
 (Higgins et al. 2017); a rising beta is KL warm-up (Bowman et al. 2016; Sonderby et al. 2016).
 Both estimators assume reparameterized guide samples (every guide in elbolab has them); their
 gradient is the pathwise one, without score-function terms.
@@ -25,7 +27,13 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from elbolab.errors import InputError
-from elbolab.inference.traces import max_plate_nesting, run_traced, sample_sites, site_log_prob
+from elbolab.inference.traces import (
+    detached_guide_trace,
+    max_plate_nesting,
+    run_traced,
+    sample_sites,
+    site_log_prob,
+)
 
 
 class ELBO(pyro.infer.ELBO):
@@ -38,6 +46,8 @@ class ELBO(pyro.infer.ELBO):
         beta: weight of the KL term (``1`` is the ELBO); :func:`~elbolab.inference.fit` sets it
             per step under KL warm-up.
         max_plate_nesting: plates the model nests; found by one trace when ``None``.
+        stick_the_landing: evaluate ``log q`` with stopped gradients on the guide's parameters,
+            dropping the zero-mean score term (Roeder et al. 2017); the value is unchanged.
 
     Example:
         >>> loss = ELBO(num_particles=4).differentiable_loss(model, guide, x)
@@ -52,6 +62,7 @@ class ELBO(pyro.infer.ELBO):
         analytic_kl: bool = False,
         beta: float = 1.0,
         max_plate_nesting: int | None = None,
+        stick_the_landing: bool = False,
     ) -> None:
         if int(num_particles) != num_particles or num_particles < 1:
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
@@ -61,6 +72,9 @@ class ELBO(pyro.infer.ELBO):
         self.analytic_kl = analytic_kl
         self.beta = float(beta)
         self.plate_nesting = max_plate_nesting
+        if stick_the_landing and analytic_kl:
+            raise InputError("sticking the landing drops the score term of a Monte Carlo KL; the analytic KL has none")
+        self.stick_the_landing = stick_the_landing
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
         """``-ELBO_beta`` summed over the batch, averaged over particles; differentiable."""
@@ -79,6 +93,10 @@ class ELBO(pyro.infer.ELBO):
             else:
                 kl = kl - site_log_prob(site).sum()
         if not self.analytic_kl:
+            if self.stick_the_landing:
+                guide_trace = detached_guide_trace(
+                    guide, guide_trace, args, kwargs, self.num_particles, self.plate_nesting or 0
+                )
             for _, site in sample_sites(guide_trace):
                 if not site["is_observed"]:
                     kl = kl + site_log_prob(site).sum()

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from elbolab.errors import InputError, closest_names
 from elbolab.inference.elbo import ELBO
+from elbolab.inference.iwae import IWAE
+from elbolab.inference.renyi import Renyi
 from elbolab.inference.traces import run_traced, sample_sites, site_log_prob
 
 OBJECTIVES: dict[str, Callable[..., Any]] = {}
@@ -55,6 +57,31 @@ def _elbo(num_particles: int = 1, beta: float = 1.0, **kwargs: Any) -> ELBO:
 @register_objective("elbo-analytic")
 def _elbo_analytic(num_particles: int = 1, beta: float = 1.0, **kwargs: Any) -> ELBO:
     return ELBO(num_particles=num_particles, beta=beta, analytic_kl=True, **kwargs)
+
+
+@register_objective("elbo-stl")
+def _elbo_stl(num_particles: int = 1, beta: float = 1.0, **kwargs: Any) -> ELBO:
+    return ELBO(num_particles=num_particles, beta=beta, stick_the_landing=True, **kwargs)
+
+
+@register_objective("iwae")
+def _iwae(num_particles: int = 5, **kwargs: Any) -> IWAE:
+    return IWAE(num_particles=num_particles, **kwargs)
+
+
+@register_objective("iwae-stl")
+def _iwae_stl(num_particles: int = 5, **kwargs: Any) -> IWAE:
+    return IWAE(num_particles=num_particles, gradient="stl", **kwargs)
+
+
+@register_objective("iwae-dreg")
+def _iwae_dreg(num_particles: int = 5, **kwargs: Any) -> IWAE:
+    return IWAE(num_particles=num_particles, gradient="dreg", **kwargs)
+
+
+@register_objective("renyi")
+def _renyi(alpha: float = 0.5, num_particles: int = 5, **kwargs: Any) -> Renyi:
+    return Renyi(alpha=alpha, num_particles=num_particles, **kwargs)
 
 
 class Reconstruction:

@@ -12,13 +12,17 @@ __all__ = [
     "DATA_PLATE",
     "PARTICLE_PLATE",
     "data_plate_dim",
+    "detached_guide_trace",
+    "importance_terms",
     "log_weights_per_point",
     "max_plate_nesting",
+    "per_point_weights_to_site",
     "run_traced",
     "sample_sites",
     "site_log_prob",
 ]
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +31,18 @@ import torch
 from pyro import poutine
 from pyro.poutine import Trace
 from pyro.poutine.util import site_is_subsample
-from torch import Tensor
+from torch import Tensor, nn
 
 from elbolab.errors import InputError
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
+
+
+def _particles(num_particles: int, plate_nesting: int) -> Any:
+    if num_particles > 1:
+        return pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+    return contextlib.nullcontext()
 
 
 def run_traced(
@@ -48,18 +58,47 @@ def run_traced(
     With ``num_particles > 1`` both run inside ``pyro.plate("particles", K)`` at dim
     ``-(plate_nesting + 1)``, so every site gains a leading particle dimension.
     """
-    if num_particles > 1:
-        particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
-        with poutine.trace() as guide_tracer, particles:
-            guide(*args, **kwargs)
-        with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace), particles:
-            model(*args, **kwargs)
-    else:
-        with poutine.trace() as guide_tracer:
-            guide(*args, **kwargs)
-        with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace):
-            model(*args, **kwargs)
+    with poutine.trace() as guide_tracer, _particles(num_particles, plate_nesting):
+        guide(*args, **kwargs)
+    with (
+        poutine.trace() as model_tracer,
+        poutine.replay(trace=guide_tracer.trace),
+        _particles(num_particles, plate_nesting),
+    ):
+        model(*args, **kwargs)
     return model_tracer.trace, guide_tracer.trace
+
+
+def detached_guide_trace(
+    guide: Callable[..., Any],
+    guide_trace: Trace,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int = 1,
+    plate_nesting: int = 0,
+) -> Trace:
+    """The guide re-run on its own samples with its parameters detached.
+
+    Its log densities ``log q(z; stop_gradient(phi))`` carry gradient only through the samples
+    ``z``: the "sticking the landing" estimator (Roeder et al. 2017) and DReG (Tucker et al.
+    2019) are built on them. Needs a guide that is an ``nn.Module`` whose samples are all
+    reparameterized.
+    """
+    if not isinstance(guide, nn.Module):
+        raise InputError(
+            "sticking-the-landing and DReG gradients re-run the guide with detached parameters, "
+            f"which needs an nn.Module guide; got {type(guide).__name__}"
+        )
+    for name, site in sample_sites(guide_trace):
+        if not site["is_observed"] and not site["fn"].has_rsample:
+            raise InputError(
+                f"sticking-the-landing and DReG gradients need reparameterized guide samples; "
+                f"guide site {name!r} ({type(site['fn']).__name__}) has none"
+            )
+    detached = {name: param.detach() for name, param in guide.named_parameters()}
+    with poutine.trace() as tracer, poutine.replay(trace=guide_trace), _particles(num_particles, plate_nesting):
+        torch.func.functional_call(guide, detached, args, kwargs)
+    return tracer.trace
 
 
 def max_plate_nesting(model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict) -> int:
@@ -149,3 +188,51 @@ def log_weights_per_point(
             log_weight = log_weight - _per_point(site_log_prob(site), particle_dim, data_dim)
     log_weight, log_lik = torch.broadcast_tensors(log_weight, log_lik)
     return log_weight, log_lik
+
+
+def importance_terms(
+    model_trace: Trace, guide_trace: Trace, plate_nesting: int, q_trace: Trace | None = None
+) -> tuple[Tensor, Tensor | float, float]:
+    """The pieces of importance-weighted objectives, with the data plate's subsampling undone.
+
+    Returns:
+        ``local``: ``[K, N]``, per particle and data point, ``log p - log q`` of every site inside
+        ``pyro.plate("data")``, *without* the plate's subsample scale, so that a logsumexp over
+        particles is taken of true per-point weights; ``global_``: ``[K]`` (or 0), ``log p - log
+        q`` of the sites outside the data plate, scaled as Pyro scales them; ``data_scale``: the
+        data plate's ``full_size / subsample_size`` (1 without subsampling), to apply *outside*
+        the logsumexp.
+
+    ``q_trace`` (default: ``guide_trace``) supplies the guide densities, e.g. a
+    :func:`detached_guide_trace`.
+    """
+    data_dim = data_plate_dim(model_trace)
+    frame = next(
+        f for _, site in sample_sites(model_trace) for f in site["cond_indep_stack"] if f.name == DATA_PLATE
+    )
+    data_scale = frame.full_size / frame.size if frame.full_size else 1.0
+    particle_dim = -(plate_nesting + 1)
+    local: Tensor | float = 0.0
+    global_: Tensor | float = 0.0
+    for trace, sign in ((model_trace, 1.0), (q_trace if q_trace is not None else guide_trace, -1.0)):
+        for _, site in sample_sites(trace):
+            if sign < 0 and site["is_observed"]:
+                continue
+            log_prob = site_log_prob(site)
+            if any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
+                local = local + sign * _per_point(log_prob / data_scale, particle_dim, data_dim)
+            else:
+                global_ = global_ + sign * _per_point(log_prob, particle_dim, data_dim).sum(-1)
+    if not isinstance(local, Tensor):
+        raise InputError('the model has no sample site inside pyro.plate("data"): nothing to weigh per data point')
+    return local, global_, data_scale
+
+
+def per_point_weights_to_site(weights: Tensor, site: dict, plate_nesting: int, data_dim: int) -> Tensor:
+    """Reshape per-point ``[K, N]`` weights to broadcast against a site's value (batch + event dims)."""
+    event_dim = len(site["fn"].event_shape)
+    batch_dim = site["value"].dim() - event_dim
+    shape = [1] * batch_dim
+    shape[batch_dim - (plate_nesting + 1)] = weights.shape[0]
+    shape[batch_dim + data_dim] = weights.shape[1]
+    return weights.reshape(shape + [1] * event_dim)
