@@ -28,9 +28,18 @@ import pyro
 import torch
 
 from elbolab import __version__
-from elbolab.analysis import plot_history, plot_image_grid, plot_reconstructions
+from elbolab.analysis import (
+    compare_runs,
+    plot_comparison_curves,
+    plot_comparison_summary,
+    plot_history,
+    plot_image_grid,
+    plot_reconstructions,
+    summarize,
+    to_markdown,
+)
 from elbolab.data import DATASETS, Dataset
-from elbolab.errors import InputError, closest_names
+from elbolab.errors import InputError
 from elbolab.inference import (
     FitConfig,
     RunConfig,
@@ -47,7 +56,7 @@ from elbolab.inference.checkpoint import (
     read_json,
     write_json,
 )
-from elbolab.inference.objectives import OBJECTIVES, Reconstruction
+from elbolab.inference.objectives import OBJECTIVES, Reconstruction, parse_objective_spec
 from elbolab.models import LIKELIHOODS, VAE, build_model
 from elbolab.nn import ACTIVATIONS
 
@@ -77,6 +86,16 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat in {text!r}")
+    return seeds
 
 
 def _float(text: str) -> float:
@@ -162,6 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     fit_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
+    compare_parser = commands.add_parser(
+        "compare", help="train one model under several objectives and seeds, and compare them",
+        description="Train the same model and guide (same architecture, data, optimizer, epochs and, per seed, "
+        "the same initial weights) under each objective and seed; evaluate each on the test split. Writes "
+        "comparison.csv, histories.csv, summary.md, learning_curves.png and log_likelihood.png.",
+        epilog="example:\n  elbolab compare --binarize dynamic --objectives elbo,iwae:k=5,iwae-dreg:k=5,renyi:alpha=0.5:k=5 "
+        "--seeds 0,1,2 --epochs 50\n\nObjective specs: NAME[:k=PARTICLES][:alpha=ORDER], NAME one of "
+        + ", ".join(name for name in OBJECTIVES if name != "reconstruction") + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare_parser.add_argument("--objectives", required=True, metavar="SPEC[,SPEC...]",
+                                help="objectives to compare, e.g. elbo,iwae:k=5,renyi:alpha=0.5:k=5")
+    compare_parser.add_argument("--seeds", type=_seeds, default=[0], metavar="S[,S...]", help="seeds (default 0)")
+    compare_parser.add_argument("--num-samples", type=_positive_int, default=5000, metavar="K",
+                                help="importance samples for the test log-likelihood (default 5000)")
+    compare_parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file with [data], [model], [fit] tables")
+    for flag, (section, name, options) in FIT_FLAGS.items():
+        if flag in ("--objective", "--particles", "--beta", "--warmup", "--seed"):
+            continue
+        if "choices" not in options:
+            options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
+        compare_parser.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **options)
+    compare_parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default runs/compare-DATA)")
+    compare_parser.add_argument("--overwrite", action="store_true", help="replace what is in --out")
+    compare_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
     evaluate_parser = commands.add_parser(
         "evaluate", help="estimate ELBO and log p(x) of runs on held-out data",
         description="Importance-sample log p(x) (the IWAE bound with K samples) and the ELBO of each run on a "
@@ -188,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 a user's mistake)."""
     args = build_parser().parse_args(argv)
     try:
-        {"fit": _fit, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "sample": _sample}[args.command](args)
     except InputError as error:
         print(f"elbolab {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -232,54 +277,113 @@ def check_likelihood(likelihood: str, data: Dataset) -> None:
         raise InputError(f"the continuous-bernoulli likelihood needs data in [0, 1]; {data.name} is not")
 
 
-def _fit(args: argparse.Namespace) -> None:
-    config = _run_config(args)
-    out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}-{config.fit.objective}-seed{config.fit.seed}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         what = "holds a run" if (out / CONFIG_FILE).exists() else "exists and is not an empty folder"
         raise InputError(f"{out} {what}; pass --overwrite to replace it, or choose another --out")
-    if config.model.name == "autoencoder" and config.fit.objective != "reconstruction":
-        raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
-    if config.fit.objective not in OBJECTIVES:
-        raise InputError(f"unknown objective {config.fit.objective!r}; {closest_names(config.fit.objective, OBJECTIVES)}")
-    device = resolve_device(config.fit.device)
 
+
+def _training_data(config: RunConfig) -> tuple[Dataset, Dataset | None]:
+    """The training split, the validation split (when training on "train"), both checked."""
     train = config.data.load(config.data.train_split)
     valid = config.data.load("valid") if config.data.train_split == "train" else None
     check_likelihood(config.model.likelihood, train)
     config.x_dim, config.image_shape = train.x_dim, train.image_shape
+    return train, valid
 
-    pyro.set_rng_seed(config.fit.seed)
+
+def _new_model_and_guide(config: RunConfig, train: Dataset) -> tuple[Any, Any]:
+    """A freshly initialised model and guide (seed the RNG first); the VAE starts at the data mean."""
     model = build_model(config.model, train.x_dim)
-    guide = build_guide(config.model, train.x_dim)
     if isinstance(model, VAE):
         model.init_output_bias(train.x)
-    fc: FitConfig = config.fit
-    objective_kwargs = {} if fc.objective == "reconstruction" else {"num_particles": fc.particles}
-    start = time.perf_counter()
-    result = fit(
-        model, guide, train, objective=fc.objective, epochs=fc.epochs, batch_size=fc.batch_size, lr=fc.lr,
-        beta=fc.beta, warmup_epochs=fc.warmup, valid=valid, device=device, seed=fc.seed,
-        progress=False if args.quiet else None, **objective_kwargs,
-    )
-    seconds = time.perf_counter() - start
+    return model, build_guide(config.model, train.x_dim)
 
-    # Everything is written into a temporary folder beside --out and moved into place at the end,
-    # so a failure or an interruption never leaves a half-written run.
+
+def _publish(out: Path, write: Any) -> None:
+    """Run ``write(folder)`` on a temporary folder beside ``out``, then move it into place.
+
+    A failure or an interruption never leaves a half-written output folder.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        save_run(staging, config, model, guide, result.history)
-        _fit_figures(staging, config, model, guide, valid if valid is not None else train)
+        write(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fit(args: argparse.Namespace) -> None:
+    config = _run_config(args)
+    fc: FitConfig = config.fit
+    name, options = parse_objective_spec(fc.objective)
+    out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}-{name}-seed{fc.seed}"
+    _refuse_existing(out, args.overwrite)
+    if config.model.name == "autoencoder" and name != "reconstruction":
+        raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
+    if name != "reconstruction":
+        options.setdefault("num_particles", fc.particles)
+    device = resolve_device(fc.device)
+    train, valid = _training_data(config)
+    pyro.set_rng_seed(fc.seed)
+    model, guide = _new_model_and_guide(config, train)
+    start = time.perf_counter()
+    result = fit(
+        model, guide, train, objective=name, epochs=fc.epochs, batch_size=fc.batch_size, lr=fc.lr,
+        beta=fc.beta, warmup_epochs=fc.warmup, valid=valid, device=device, seed=fc.seed,
+        progress=False if args.quiet else None, **options,
+    )
+    seconds = time.perf_counter() - start
+
+    def write(folder: Path) -> None:
+        save_run(folder, config, model, guide, result.history)
+        _fit_figures(folder, config, model, guide, valid if valid is not None else train)
+
+    _publish(out, write)
     if not args.quiet:
         last = result.history.iloc[-1]
         valid_text = f", validation ELBO {last['valid_elbo']:.3f}" if not math.isnan(last["valid_elbo"]) else ""
         print(f"{out}: {fc.epochs} epochs in {seconds:.1f} s on {device}, training loss {last['train_loss']:.3f}{valid_text} nats/point")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    config = _run_config(args)
+    fc: FitConfig = config.fit
+    if config.model.name == "autoencoder":
+        raise InputError("the autoencoder has no ELBO to compare objectives on; use --model vae")
+    specs = [spec for spec in args.objectives.split(",") if spec.strip()]
+    seeds = args.seeds
+    for spec in specs:
+        parse_objective_spec(spec)
+    out = args.out or Path("runs") / f"compare-{config.data.name}"
+    _refuse_existing(out, args.overwrite)
+    train, valid = _training_data(config)
+    test = config.data.load("test")
+    comparison = compare_runs(
+        lambda: _new_model_and_guide(config, train)[0], lambda: build_guide(config.model, train.x_dim),
+        train, objectives=specs, seeds=seeds, test=test, valid=valid, epochs=fc.epochs,
+        batch_size=fc.batch_size, lr=fc.lr, num_samples=args.num_samples, device=fc.device,
+        progress=False if args.quiet else None,
+    )
+    summary = summarize(comparison.table)
+    markdown = to_markdown(summary, args.num_samples)
+
+    def write(folder: Path) -> None:
+        write_json(folder / CONFIG_FILE, config.to_dict() | {"objectives": specs, "seeds": list(seeds),
+                                                            "num_samples": args.num_samples})
+        comparison.table.to_csv(folder / "comparison.csv", index=False)
+        comparison.histories.to_csv(folder / "histories.csv", index=False)
+        (folder / "summary.md").write_text(markdown)
+        plot_comparison_curves(comparison.histories, folder / "learning_curves.png")
+        plot_comparison_summary(summary, folder / "log_likelihood.png", args.num_samples)
+
+    _publish(out, write)
+    if not args.quiet:
+        print(f"{out}: {config.data.name}, {fc.epochs} epochs, nats per test point, mean ± s.e. over seeds")
+        print(markdown, end="")
 
 
 def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, shown: Dataset) -> None:

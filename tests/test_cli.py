@@ -96,6 +96,39 @@ def test_existing_run_is_not_overwritten_without_flag(fitted_run):
 
 
 def test_help_explains_every_command():
-    for command in ("fit", "evaluate", "sample"):
+    for command in ("fit", "compare", "evaluate", "sample"):
         result = subprocess.run([sys.executable, "-m", "elbolab", command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: elbolab " + command in result.stdout
+
+
+def test_compare_writes_the_table_summary_and_figures(tmp_path, capsys):
+    out = tmp_path / "comparison"
+    argv = ["compare", "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--epochs", "2",
+            "--objectives", "elbo,iwae:k=3,renyi:alpha=-inf:k=3", "--seeds", "0,1", "--num-samples", "20",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "comparison.csv")
+    assert table["objective"].tolist() == ["elbo", "elbo", "iwae:k=3", "iwae:k=3", "renyi:alpha=-inf:k=3", "renyi:alpha=-inf:k=3"]
+    assert (table["gap"] == table["test_log_likelihood"] - table["test_elbo"]).all()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.csv", "config.json", "histories.csv", "learning_curves.png", "log_likelihood.png", "summary.md"]
+    assert "| iwae:k=3 | 2 |" in (out / "summary.md").read_text()
+    assert len(pd.read_csv(out / "histories.csv")) == 6 * 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "--objectives", "elbo,iwea"], "unknown objective 'iwea'"),
+        (["compare", "--objectives", "renyi:alpha=1"], "alpha = 1"),
+        (["compare", "--objectives", "iwae:k=two"], "k must be int"),
+        (["compare", "--objectives", "elbo", "--seeds", "1,1"], "seeds repeat"),
+    ],
+)
+def test_compare_refuses_bad_specs(tmp_path, argv, message):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "elbolab", *argv, "--binarize", "dynamic", "--out", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

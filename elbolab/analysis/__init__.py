@@ -1,5 +1,31 @@
-"""Figures and diagnostics of trained models."""
+"""Figures, comparisons and diagnostics of trained models."""
 
-from elbolab.analysis.plots import plot_history, plot_image_grid, plot_reconstructions
+from elbolab.analysis.compare import (
+    Comparison,
+    active_units,
+    compare,
+    compare_runs,
+    summarize,
+    to_markdown,
+)
+from elbolab.analysis.plots import (
+    plot_comparison_curves,
+    plot_comparison_summary,
+    plot_history,
+    plot_image_grid,
+    plot_reconstructions,
+)
 
-__all__ = ["plot_history", "plot_image_grid", "plot_reconstructions"]
+__all__ = [
+    "Comparison",
+    "active_units",
+    "compare",
+    "compare_runs",
+    "plot_comparison_curves",
+    "plot_comparison_summary",
+    "plot_history",
+    "plot_image_grid",
+    "plot_reconstructions",
+    "summarize",
+    "to_markdown",
+]

@@ -5,7 +5,7 @@ Written with matplotlib's non-interactive Agg backend, straight to PNG files.
 
 from __future__ import annotations
 
-__all__ = ["plot_history", "plot_image_grid", "plot_reconstructions"]
+__all__ = ["plot_comparison_curves", "plot_comparison_summary", "plot_history", "plot_image_grid", "plot_reconstructions"]
 
 import math
 from pathlib import Path
@@ -73,6 +73,50 @@ def plot_reconstructions(
         _show_grid(axes[2 * p + 1 : 2 * p + 2], reconstructions[chunk], image_shape)
         axes[2 * p, 0].set_title("input", fontsize=8, loc="left")
         axes[2 * p + 1, 0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_comparison_curves(histories: pd.DataFrame, path: str | Path) -> Path:
+    """Every run's per-epoch curve on one axis, one colour per objective.
+
+    The validation ELBO when it was recorded (comparable across objectives), else each
+    objective's own training loss.
+    """
+    use_valid = "valid_elbo" in histories and histories["valid_elbo"].notna().any()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (objective, runs) in enumerate(histories.groupby("objective", sort=False)):
+        for number, (_, run) in enumerate(runs.groupby("seed")):
+            values = run["valid_elbo"] if use_valid else -run["train_loss"]
+            ax.plot(run["epoch"], values, color=colours[index % len(colours)], alpha=0.8,
+                    label=objective if number == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation ELBO (nats per data point)" if use_valid else "−training loss (nats per data point)")
+    ax.set_title("learning curves, one line per run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_comparison_summary(summary: pd.DataFrame, path: str | Path, num_samples: int) -> Path:
+    """Test log-likelihood and ELBO per objective, mean ± standard error over seeds."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(summary) + 2), 4.5), dpi=120)
+    positions = range(len(summary))
+    ax.errorbar([p - 0.1 for p in positions], summary["test_log_likelihood"], yerr=summary["test_log_likelihood_se"],
+                fmt="o", capsize=4, label=f"log p(x), K = {num_samples}")
+    ax.errorbar([p + 0.1 for p in positions], summary["test_elbo"], yerr=summary["test_elbo_se"],
+                fmt="s", capsize=4, label="ELBO")
+    ax.set_xticks(list(positions), summary["objective"], rotation=20, ha="right")
+    ax.set_ylabel("nats per test point (higher is better)")
+    ax.set_title("test log-likelihood by objective (mean ± s.e. over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -7,7 +7,7 @@ name here unchanged. Add one with :func:`register_objective`.
 
 from __future__ import annotations
 
-__all__ = ["OBJECTIVES", "Reconstruction", "get_objective", "no_guide", "register_objective"]
+__all__ = ["OBJECTIVES", "Reconstruction", "get_objective", "no_guide", "parse_objective_spec", "register_objective"]
 
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +47,36 @@ def get_objective(name: str, **kwargs: Any) -> Any:
         return OBJECTIVES[name](**kwargs)
     except TypeError as error:
         raise InputError(f"objective {name!r}: {error}") from None
+
+
+# Option names of a spec string ("renyi:alpha=0.5:k=5") -> keyword and type.
+SPEC_OPTIONS = {"k": ("num_particles", int), "alpha": ("alpha", float)}
+
+
+def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"renyi:alpha=0.5:k=5"`` -> ``("renyi", {"alpha": 0.5, "num_particles": 5})``.
+
+    Options: ``k`` (particles) and ``alpha`` (Renyi order; ``-inf`` for VR-max). The name is
+    checked against the registry.
+
+    Example:
+        >>> parse_objective_spec("iwae-dreg:k=50")
+        ('iwae-dreg', {'num_particles': 50})
+    """
+    name, *options = spec.strip().split(":")
+    if name not in OBJECTIVES:
+        raise InputError(f"unknown objective {name!r} in {spec!r}; {closest_names(name, OBJECTIVES)}")
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in SPEC_OPTIONS or not value:
+            raise InputError(f"objective spec {spec!r}: expected options k=INT or alpha=NUMBER, got {option!r}")
+        keyword, kind = SPEC_OPTIONS[key]
+        try:
+            kwargs[keyword] = kind(value)
+        except ValueError:
+            raise InputError(f"objective spec {spec!r}: {key} must be {kind.__name__}, got {value!r}") from None
+    return name, kwargs
 
 
 @register_objective("elbo")
