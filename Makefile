@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 	$(BIN)/elbolab fit --data digits --binarize dynamic --hidden 256 --z-dim 8 --epochs 100 --objective elbo --out runs/demo/elbo --overwrite
 	$(BIN)/elbolab fit --data digits --binarize dynamic --hidden 256 --z-dim 8 --epochs 100 --objective elbo-analytic --out runs/demo/elbo-analytic --overwrite
 	$(BIN)/elbolab evaluate runs/demo/elbo runs/demo/elbo-analytic --num-samples 5000
+	$(BIN)/elbolab compare --data digits --binarize dynamic --hidden 256 --z-dim 8 --epochs 60 --objectives elbo,iwae:k=5,iwae-dreg:k=5,renyi:alpha=0.5:k=5 --seeds 0,1 --num-samples 1000 --out runs/demo/compare --overwrite
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
