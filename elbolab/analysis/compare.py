@@ -139,7 +139,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     grouped = table.groupby("objective", sort=False)[columns]
     mean, count = grouped.mean(), grouped.count()
     stderr = grouped.std(ddof=1).fillna(0.0) / count.pow(0.5)
-    summary = mean.join(stderr, rsuffix="_se")
+    summary = mean.join(stderr.add_suffix("_se"))
     summary.insert(0, "seeds", count["test_elbo"])
     return summary.reset_index()
 
