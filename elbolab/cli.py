@@ -154,6 +154,18 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """``--config`` and the flags of :data:`FIT_FLAGS`; only flags given on the command line override."""
+    parser.add_argument("--config", type=Path, metavar="TOML",
+                        help="TOML file with [data], [model], [fit] tables; flags override it")
+    for flag, (section, name, options) in FIT_FLAGS.items():
+        if flag in skip:
+            continue
+        if "choices" not in options:
+            options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
+        parser.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="elbolab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"elbolab {__version__}")
@@ -172,11 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--likelihood continuous-bernoulli or gaussian with --binarize none.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fit_parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file with [data], [model], [fit] tables; flags override it")
-    for flag, (section, name, options) in FIT_FLAGS.items():
-        if "choices" not in options:
-            options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
-        fit_parser.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **options)
+    _add_config_flags(fit_parser)
     fit_parser.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/DATA-MODEL-OBJECTIVE-seedN)")
     fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     fit_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -196,13 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--seeds", type=_seeds, default=[0], metavar="S[,S...]", help="seeds (default 0)")
     compare_parser.add_argument("--num-samples", type=_positive_int, default=5000, metavar="K",
                                 help="importance samples for the test log-likelihood (default 5000)")
-    compare_parser.add_argument("--config", type=Path, metavar="TOML", help="TOML file with [data], [model], [fit] tables")
-    for flag, (section, name, options) in FIT_FLAGS.items():
-        if flag in ("--objective", "--particles", "--beta", "--warmup", "--seed"):
-            continue
-        if "choices" not in options:
-            options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
-        compare_parser.add_argument(flag, dest=f"{section}.{name}", default=argparse.SUPPRESS, **options)
+    # Objectives and seeds come from --objectives and --seeds; beta and warm-up are not compared.
+    _add_config_flags(compare_parser, skip=("--objective", "--particles", "--beta", "--warmup", "--seed"))
     compare_parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default runs/compare-DATA)")
     compare_parser.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     compare_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")

@@ -18,6 +18,16 @@ import pandas as pd
 from torch import Tensor
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, path: str | Path) -> Path:
+    """Grid, legend, layout; write the PNG and free the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Training loss and validation -ELBO per epoch (nats per data point; lower is better)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -27,12 +37,7 @@ def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Pa
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per data point")
     ax.set_title(title or "learning curves")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path)
 
 
 def _show_grid(axes, images: Tensor, image_shape: tuple[int, int]) -> None:
@@ -96,12 +101,7 @@ def plot_comparison_curves(histories: pd.DataFrame, path: str | Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ELBO (nats per data point)" if use_valid else "−training loss (nats per data point)")
     ax.set_title("learning curves, one line per run")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path)
 
 
 def plot_comparison_summary(summary: pd.DataFrame, path: str | Path, num_samples: int) -> Path:
@@ -115,9 +115,4 @@ def plot_comparison_summary(summary: pd.DataFrame, path: str | Path, num_samples
     ax.set_xticks(list(positions), summary["objective"], rotation=20, ha="right")
     ax.set_ylabel("nats per test point (higher is better)")
     ax.set_title("test log-likelihood by objective (mean ± s.e. over seeds)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path)
