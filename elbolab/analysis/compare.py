@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from elbolab.data import Dataset
 from elbolab.errors import InputError
-from elbolab.inference import fit, importance_estimate
+from elbolab.inference import fit, importance_estimate, resolve_device
 from elbolab.inference.objectives import get_objective, parse_objective_spec
 from elbolab.inference.traces import sample_sites
 
@@ -108,6 +108,8 @@ def compare_runs(
     for _, name, options in parsed:
         get_objective(name, **options)  # refuse bad options before any training
     test_x = test.fixed_binarization(0).x if isinstance(test, Dataset) else test
+    device = resolve_device(device)
+    test_x = test_x.to(device)  # once, on the device fit trains on
     rows, histories = [], []
     runs = [(entry, seed) for entry in parsed for seed in seeds]
     bar = tqdm(runs, desc="compare", unit="run", disable=None if progress is None else not progress)
@@ -119,15 +121,14 @@ def compare_runs(
         result = fit(model, guide, data, objective=name, epochs=epochs, batch_size=batch_size, lr=lr,
                      valid=valid, device=device, seed=seed, progress=False, **options)
         seconds = time.perf_counter() - start
-        device_x = test_x.to(next(iter(model.parameters())).device) if hasattr(model, "parameters") else test_x
         pyro.set_rng_seed(seed)
-        estimate = importance_estimate(model, guide, device_x, num_samples=num_samples)
+        estimate = importance_estimate(model, guide, test_x, num_samples=num_samples)
         elbo, log_lik = estimate.elbo.mean().item(), estimate.log_likelihood.mean().item()
         rows.append({
             "objective": spec, "name": name,
             "options": ";".join(f"{k}={v}" for k, v in options.items()), "seed": seed,
             "test_elbo": elbo, "test_log_likelihood": log_lik, "gap": log_lik - elbo,
-            "active_units": active_units(guide, device_x), "train_seconds": seconds,
+            "active_units": active_units(guide, test_x), "train_seconds": seconds,
         })
         histories.append(result.history.assign(objective=spec, seed=seed))
     return Comparison(pd.DataFrame(rows), pd.concat(histories, ignore_index=True))
