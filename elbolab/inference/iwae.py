@@ -87,10 +87,14 @@ class IWAE(pyro.infer.ELBO):
         local, global_, data_scale = importance_terms(model_trace, guide_trace, nesting, q_trace)
         return local, global_, data_scale, (model_trace, guide_trace)
 
+    def _bound(self, local: Tensor) -> Tensor:
+        """Per data point, ``log (1/K) sum_k w_k`` from the ``[K, N]`` log weights."""
+        return local.logsumexp(0) - math.log(local.shape[0])
+
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
         """``-L_K`` summed over the batch (scaled to the full data set under subsampling)."""
         local, global_, data_scale, (model_trace, guide_trace) = self.log_weights(model, guide, args, kwargs)
-        bound = local.logsumexp(0) - math.log(local.shape[0])
+        bound = self._bound(local)
         if self.gradient == "dreg":
             normalized = torch.softmax(local, dim=0).detach()
             surrogate = (normalized * local).sum(0)
@@ -106,17 +110,24 @@ class IWAE(pyro.infer.ELBO):
                     # The surrogate already weighs z_k by wbar_k; the hook adds the second factor.
                     site["value"].register_hook(lambda grad, weight=weight: grad * weight)
             bound = bound.detach() + surrogate - surrogate.detach()
-        global_term = global_.mean() if isinstance(global_, Tensor) else global_
-        return -(data_scale * bound.sum() + global_term)
+        return -_total(bound, global_, data_scale)
 
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> float:
         with torch.no_grad():
             local, global_, data_scale, _ = self.log_weights(model, guide, args, kwargs)
-            bound = local.logsumexp(0) - math.log(local.shape[0])
-            global_term = global_.mean() if isinstance(global_, Tensor) else global_
-            return -(data_scale * bound.sum() + global_term).item()
+            return -_total(self._bound(local), global_, data_scale).item()
 
     def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()
+
+
+def _total(bound: Tensor, global_: Tensor | float, data_scale: float) -> Tensor:
+    """``data_scale * sum_n bound_n + mean_k global_k``, without ops that multiply by 1 or add 0."""
+    total = bound.sum()
+    if data_scale != 1.0:
+        total = data_scale * total
+    if isinstance(global_, Tensor):
+        total = total + global_.mean()
+    return total

@@ -16,10 +16,7 @@ from __future__ import annotations
 __all__ = ["Renyi"]
 
 import math
-from collections.abc import Callable
-from typing import Any
 
-import torch
 from torch import Tensor
 
 from elbolab.errors import InputError
@@ -47,13 +44,3 @@ class Renyi(IWAE):
             return local.max(0).values
         one_minus_alpha = 1.0 - self.alpha
         return ((one_minus_alpha * local).logsumexp(0) - math.log(local.shape[0])) / one_minus_alpha
-
-    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
-        """``-L_alpha`` summed over the batch (scaled to the full data set under subsampling)."""
-        local, global_, data_scale, _ = self.log_weights(model, guide, args, kwargs)
-        global_term = global_.mean() if isinstance(global_, Tensor) else global_
-        return -(data_scale * self._bound(local).sum() + global_term)
-
-    def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()

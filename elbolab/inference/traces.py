@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine import Trace
@@ -77,28 +78,47 @@ def detached_guide_trace(
     num_particles: int = 1,
     plate_nesting: int = 0,
 ) -> Trace:
-    """The guide re-run on its own samples with its parameters detached.
+    """The guide's trace with its distributions' parameters detached, its samples kept.
 
     Its log densities ``log q(z; stop_gradient(phi))`` carry gradient only through the samples
     ``z``: the "sticking the landing" estimator (Roeder et al. 2017) and DReG (Tucker et al.
-    2019) are built on them. Needs a guide that is an ``nn.Module`` whose samples are all
-    reparameterized.
+    2019) are built on them. Normal sites (under any ``to_event``) are detached in place; a guide
+    with other distributions is re-run on its own samples with its parameters detached, which
+    needs an ``nn.Module`` guide. Every latent sample must be reparameterized.
     """
-    if not isinstance(guide, nn.Module):
-        raise InputError(
-            "sticking-the-landing and DReG gradients re-run the guide with detached parameters, "
-            f"which needs an nn.Module guide; got {type(guide).__name__}"
-        )
-    for name, site in sample_sites(guide_trace):
-        if not site["is_observed"] and not site["fn"].has_rsample:
+    latent = [(name, site) for name, site in sample_sites(guide_trace) if not site["is_observed"]]
+    for name, site in latent:
+        if not site["fn"].has_rsample:
             raise InputError(
                 f"sticking-the-landing and DReG gradients need reparameterized guide samples; "
                 f"guide site {name!r} ({type(site['fn']).__name__}) has none"
             )
+    detached_fns = {name: _detached_distribution(site["fn"]) for name, site in latent}
+    if all(fn is not None for fn in detached_fns.values()):
+        # No second run of the guide's networks: the same samples, densities with stopped parameters.
+        trace = Trace()
+        for name, site in guide_trace.nodes.items():
+            trace.nodes[name] = site | {"fn": detached_fns[name]} if name in detached_fns else site
+        return trace
+    if not isinstance(guide, nn.Module):
+        raise InputError(
+            "sticking-the-landing and DReG gradients re-run a guide with non-Normal sites with its "
+            f"parameters detached, which needs an nn.Module guide; got {type(guide).__name__}"
+        )
     detached = {name: param.detach() for name, param in guide.named_parameters()}
     with poutine.trace() as tracer, poutine.replay(trace=guide_trace), _particles(num_particles, plate_nesting):
         torch.func.functional_call(guide, detached, args, kwargs)
     return tracer.trace
+
+
+def _detached_distribution(fn: Any) -> Any:
+    """``fn`` with detached parameters when it is a Normal (possibly ``Independent``), else ``None``."""
+    if isinstance(fn, torch.distributions.Independent):
+        base = _detached_distribution(fn.base_dist)
+        return None if base is None else dist.Independent(base, fn.reinterpreted_batch_ndims, validate_args=False)
+    if type(fn) in (dist.Normal, torch.distributions.Normal):
+        return dist.Normal(fn.loc.detach(), fn.scale.detach(), validate_args=False)
+    return None
 
 
 def max_plate_nesting(model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict) -> int:
@@ -157,6 +177,8 @@ def data_plate_dim(trace: Trace) -> int:
 def _per_point(log_prob: Tensor, particle_dim: int, data_dim: int) -> Tensor:
     """Sum a site's log density over every dim but the particle and data dims -> ``[K or 1, N or 1]``."""
     ndim = max(log_prob.dim(), -particle_dim)
+    if ndim == 2 and log_prob.dim() == 2 and particle_dim == -2 and data_dim == -1:
+        return log_prob  # already [K, N]: the common case, kept free of ops
     log_prob = log_prob.reshape((1,) * (ndim - log_prob.dim()) + tuple(log_prob.shape))
     other = [d for d in range(ndim) if d - ndim not in (particle_dim, data_dim)]
     if other:
@@ -212,7 +234,7 @@ def importance_terms(
     )
     data_scale = frame.full_size / frame.size if frame.full_size else 1.0
     particle_dim = -(plate_nesting + 1)
-    local: Tensor | float = 0.0
+    local: Tensor | None = None
     global_: Tensor | float = 0.0
     for trace, sign in ((model_trace, 1.0), (q_trace if q_trace is not None else guide_trace, -1.0)):
         for _, site in sample_sites(trace):
@@ -220,10 +242,14 @@ def importance_terms(
                 continue
             log_prob = site_log_prob(site)
             if any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
-                local = local + sign * _per_point(log_prob / data_scale, particle_dim, data_dim)
+                if data_scale != 1.0:
+                    log_prob = log_prob / data_scale
+                term = _per_point(log_prob, particle_dim, data_dim)
+                # Every op here is one more node in the backward pass of every training step.
+                local = (term if sign > 0 else -term) if local is None else (local + term if sign > 0 else local - term)
             else:
                 global_ = global_ + sign * _per_point(log_prob, particle_dim, data_dim).sum(-1)
-    if not isinstance(local, Tensor):
+    if local is None:
         raise InputError('the model has no sample site inside pyro.plate("data"): nothing to weigh per data point')
     return local, global_, data_scale
 

@@ -24,6 +24,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from elbolab.config import dataclass_from_dict
+from elbolab.distributions import BernoulliRow
 from elbolab.errors import InputError, closest_names
 from elbolab.nn import ACTIVATIONS, mlp
 
@@ -97,7 +98,7 @@ class Likelihood(nn.Module):
 
     def forward(self, out: Tensor) -> dist.TorchDistribution:
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
+            return BernoulliRow(out)  # = dist.Bernoulli(logits=out).to_event(1), fused
         if self.likelihood == "continuous-bernoulli":
             return dist.ContinuousBernoulli(logits=out).to_event(1)
         scale = self.obs_scale if self.obs_scale is not None else F.softplus(self.raw_scale) + 1e-3
