@@ -146,7 +146,15 @@ def sample_sites(trace: Trace) -> list[tuple[str, dict]]:
 
 def site_log_prob(site: dict) -> Tensor:
     """``log p(value)`` of a sample site, with its plate scale and mask applied, unsummed."""
-    log_prob = site["fn"].log_prob(site["value"])
+    try:
+        log_prob = site["fn"].log_prob(site["value"])
+    except (NotImplementedError, KeyError):
+        # Pyro's planar and radial flows invert only their own cached samples (KeyError otherwise).
+        raise InputError(
+            f"site {site['name']!r} ({type(site['fn']).__name__}) cannot invert its transforms to evaluate its "
+            "log density at a given value; sticking-the-landing and DReG gradients need that (they re-evaluate "
+            "log q with detached parameters): use elbo, iwae or renyi with this guide"
+        ) from None
     mask = site["mask"]
     if isinstance(mask, Tensor):
         log_prob = log_prob.masked_fill(~mask, 0.0)
