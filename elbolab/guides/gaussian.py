@@ -53,7 +53,12 @@ class GaussianGuide(nn.Module):
         """The posterior's ``(loc, scale)``, each ``[N, z_dim]``."""
         return self.encoder(x)
 
-    def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+    def distribution(self, x: Tensor) -> dist.Independent:
+        """``q(z | x)`` for a batch: batch shape ``[N]``, event shape ``[z_dim]``."""
         loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        q = self.distribution(x)
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample(self.site, dist.Normal(loc, scale).to_event(1))
+            return pyro.sample(self.site, q)

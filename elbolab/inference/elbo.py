@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import pyro.distributions as dist
 import pyro.infer
 import torch
 from torch import Tensor
@@ -85,6 +86,14 @@ class ELBO(pyro.infer.ELBO):
         )
         log_lik: Tensor | float = 0.0
         kl: Tensor | float = 0.0
+        if self.analytic_kl:
+            for name, site in sample_sites(guide_trace):
+                if name not in model_trace.nodes or isinstance(site["fn"], dist.Delta):
+                    raise InputError(
+                        f"elbo-analytic: the guide's site {name!r} is an auxiliary variable or a transformed "
+                        "copy of one (as in an AutoAmortizedGuide); a KL per model site has no closed form "
+                        "for it: use the Monte Carlo objective 'elbo'"
+                    )
         for name, site in sample_sites(model_trace):
             if site["is_observed"]:
                 log_lik = log_lik + site_log_prob(site).sum()

@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import pyro.distributions as dist
 import pyro.infer
 import torch
 from torch import Tensor
@@ -99,16 +100,28 @@ class IWAE(pyro.infer.ELBO):
             normalized = torch.softmax(local, dim=0).detach()
             surrogate = (normalized * local).sum(0)
             data_dim = data_plate_dim(model_trace)
-            for _, site in sample_sites(guide_trace):
-                if not site["is_observed"] and site["value"].requires_grad:
-                    if not any(f.name == "data" for f in site["cond_indep_stack"]):
-                        raise InputError(
-                            f"iwae-dreg weighs each data point's samples; the global latent {site['name']!r} "
-                            "outside pyro.plate('data') has no per-point weight: use iwae or iwae-stl"
-                        )
-                    weight = per_point_weights_to_site(normalized, site, self.plate_nesting, data_dim)
-                    # The surrogate already weighs z_k by wbar_k; the hook adds the second factor.
-                    site["value"].register_hook(lambda grad, weight=weight: grad * weight)
+            # Deterministic functions of a sample (Delta sites, e.g. an auto guide's constrained
+            # values) are not weighted: the weight applies once, where the randomness enters.
+            sampled = [
+                site for _, site in sample_sites(guide_trace)
+                if not site["is_observed"] and site["value"].requires_grad and not isinstance(site["fn"], dist.Delta)
+            ]
+            for site in sampled:
+                if not any(f.name == "data" for f in site["cond_indep_stack"]):
+                    raise InputError(
+                        f"iwae-dreg weighs each data point's samples; the global latent {site['name']!r} "
+                        "outside pyro.plate('data') has no per-point weight: use iwae or iwae-stl"
+                    )
+            if len(sampled) > 1:
+                # A site sampled given another would have its gradient weighted twice on the way back.
+                raise InputError(
+                    "iwae-dreg supports guides with one sampled latent site per data point; this guide samples "
+                    f"{', '.join(repr(site['name']) for site in sampled)}: use iwae or iwae-stl"
+                )
+            for site in sampled:
+                weight = per_point_weights_to_site(normalized, site, self.plate_nesting, data_dim)
+                # The surrogate already weighs z_k by wbar_k; the hook adds the second factor.
+                site["value"].register_hook(lambda grad, weight=weight: grad * weight)
             bound = bound.detach() + surrogate - surrogate.detach()
         return -_total(bound, global_, data_scale)
 

@@ -1,0 +1,176 @@
+"""An amortized guide built automatically for any Pyro model that follows the model contract.
+
+Pyro's autoguides are not amortized: they learn one posterior per data point, as parameters, and
+cannot encode a new x. :class:`AutoAmortizedGuide` traces the model once, finds its latent sites,
+and builds one encoder network for all of them jointly:
+
+    u ~ q(u | x)                      (a Gaussian, mixture or flow over R^U, one u per data point)
+    z_s = T_s(u_s)                    (u split per site, T_s = biject_to(support of site s))
+    log q(z | x) = log q(u | x) + sum_s log |det du_s / dz_s|
+
+as Pyro's ``AutoContinuous`` does for non-amortized guides: ``u`` is an auxiliary sample site
+inside ``pyro.plate("data")``, and every latent site is a ``Delta`` at its constrained value that
+carries the log-Jacobian of the inverse transform as its log density. Because one distribution
+covers every site, a mixture or a flow can capture dependence between sites. Latents outside the
+data plate (global latents) get a non-amortized distribution of the same family: the family's
+network fed a constant input, so its output weights are the distribution's parameters.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AutoAmortizedGuide"]
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from torch.distributions import biject_to, constraints
+
+from elbolab.errors import InputError, closest_names
+from elbolab.guides.flow import FlowGuide
+from elbolab.guides.gaussian import GaussianGuide
+from elbolab.guides.mixture import MixtureGuide
+
+FAMILIES = {"gaussian": GaussianGuide, "mixture": MixtureGuide, "flow": FlowGuide}
+FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "depth", "flow_hidden")}
+DATA_PLATE = "data"
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A latent site of the model: where its piece of u sits and how it is constrained."""
+
+    name: str
+    shape: torch.Size  # constrained value: the event shape (local) or the whole value (global)
+    unconstrained_shape: torch.Size
+    support: constraints.Constraint
+    start: int
+    size: int
+
+
+def _latent_sites(sites: list[dict]) -> list[_Site]:
+    found, start = [], 0
+    for site in sites:
+        support = site["fn"].support
+        shape = site["shape"]
+        unconstrained_shape = biject_to(support).inv.forward_shape(shape)
+        size = math.prod(unconstrained_shape)
+        found.append(_Site(site["name"], shape, unconstrained_shape, support, start, size))
+        start += size
+    return found
+
+
+class AutoAmortizedGuide(nn.Module):
+    """One encoder ``x -> q(all latents | x)`` for any model with its latents in ``pyro.plate("data")``.
+
+    Arguments:
+        model: the Pyro model (called as ``model(x, *args)``); traced once, not stored.
+        x_example: a batch of data (two or more points) to trace the model on.
+        family: ``"gaussian"`` (diagonal), ``"mixture"`` or ``"flow"``: the distribution of u.
+        hidden: hidden widths of the encoder.
+        activation: encoder activation.
+        **family_options: ``components`` (mixture); ``flow``, ``depth``, ``flow_hidden`` (flow).
+
+    Example:
+        >>> guide = AutoAmortizedGuide(model, x[:10], family="flow", flow="iaf", depth=2)
+        >>> fit(model, guide, x)
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        x_example: Tensor,
+        family: str = "gaussian",
+        hidden: Sequence[int] = (400,),
+        activation: str = "relu",
+        **family_options: Any,
+    ) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise InputError(f"AutoAmortizedGuide: unknown family {family!r}; {closest_names(family, FAMILIES)}")
+        unknown = set(family_options) - set(FAMILY_OPTIONS[family])
+        if unknown:
+            valid = ", ".join(FAMILY_OPTIONS[family]) or "none"
+            raise InputError(f"AutoAmortizedGuide: family {family!r} has no option {sorted(unknown)[0]!r} (its options: {valid})")
+        if x_example.dim() < 2 or x_example.shape[0] < 2:
+            raise InputError("AutoAmortizedGuide: x_example must be a batch of two or more data points")
+        local, global_, self.data_dim = self._inspect(model, x_example)
+        self.local_sites, self.global_sites = _latent_sites(local), _latent_sites(global_)
+        x_width = math.prod(x_example.shape[1:])
+        joint = FAMILIES[family]
+        self.local_q = None
+        if self.local_sites:
+            width = sum(site.size for site in self.local_sites)
+            self.local_q = joint(x_width, width, hidden=hidden, activation=activation, **family_options)
+        self.global_q = None
+        if self.global_sites:
+            width = sum(site.size for site in self.global_sites)
+            self.global_q = joint(1, width, hidden=(32,), activation=activation, **family_options)
+            self.register_buffer("constant_input", torch.ones(1), persistent=False)
+        self.family = family
+
+    @staticmethod
+    def _inspect(model: Callable[..., Any], x: Tensor) -> tuple[list[dict], list[dict], int]:
+        with torch.no_grad():
+            trace = poutine.trace(model).get_trace(x)
+        local, global_, data_dim = [], [], None
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+                continue
+            fn = site["fn"]
+            if fn.support.is_discrete:
+                raise InputError(
+                    f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}); "
+                    "enumerating discrete latents is not supported"
+                )
+            frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+            data = [f for f in frames if f.name == DATA_PLATE]
+            if data:
+                if len(frames) > 1 or tuple(fn.batch_shape) != (x.shape[0],):
+                    raise InputError(
+                        f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]}; "
+                        "latents inside pyro.plate('data') must have one value per data point (batch shape [N])"
+                    )
+                data_dim = data[0].dim
+                local.append({"name": name, "fn": fn, "shape": fn.event_shape})
+            else:
+                global_.append({"name": name, "fn": fn, "shape": site["value"].shape})
+        if not local and not global_:
+            raise InputError("AutoAmortizedGuide: the model has no latent sample site")
+        if data_dim is None:
+            data_dim = -1
+        return local, global_, data_dim
+
+    @staticmethod
+    def _constrain(u: Tensor, sites: list[_Site]) -> None:
+        """Split u into the sites' pieces; sample each site as a Delta at its constrained value.
+
+        Each Delta carries ``log |det du_s / dz_s|``, so the guide's log density of the sites is
+        ``log q(u) + sum_s log |det du_s / dz_s|`` (Pyro's ``AutoContinuous`` does the same).
+        """
+        batch = u.shape[:-1]
+        for site in sites:
+            piece = u[..., site.start : site.start + site.size].reshape(*batch, *site.unconstrained_shape)
+            transform = biject_to(site.support)
+            value = transform(piece)
+            event_dim = len(site.shape)
+            log_density = transform.inv.log_abs_det_jacobian(value, piece)
+            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
+            pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=event_dim))
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.global_q is not None:
+            q_global = self.global_q.distribution(self.constant_input)
+            self._constrain(pyro.sample("_auto_global", q_global, infer={"is_auxiliary": True}), self.global_sites)
+        if self.local_q is not None:
+            q = self.local_q.distribution(x.reshape(x.shape[0], -1))
+            with pyro.plate(DATA_PLATE, x.shape[0], dim=self.data_dim):
+                self._constrain(pyro.sample("_auto_latent", q, infer={"is_auxiliary": True}), self.local_sites)

@@ -1,0 +1,64 @@
+"""The ``[guide]`` section of a run's config, and the guide elbolab pairs with a built-in model."""
+
+from __future__ import annotations
+
+__all__ = ["GUIDE_FAMILIES", "GuideConfig", "build_guide"]
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from elbolab.config import dataclass_from_dict
+from elbolab.errors import InputError, closest_names
+from elbolab.guides.flow import FLOWS, FlowGuide
+from elbolab.guides.gaussian import GaussianGuide
+from elbolab.guides.mixture import MixtureGuide
+
+GUIDE_FAMILIES = ("gaussian", "mixture", "flow")
+
+
+@dataclass
+class GuideConfig:
+    """Which variational family q(z | x) is: the ``[guide]`` section.
+
+    Attributes:
+        family: ``"gaussian"`` (diagonal), ``"mixture"`` or ``"flow"``.
+        components: mixture only: number of diagonal-Gaussian components.
+        flow: flow only: one of :data:`elbolab.guides.FLOWS`.
+        flow_depth: flow only: number of flow layers.
+    """
+
+    family: str = "gaussian"
+    components: int = 5
+    flow: str = "iaf"
+    flow_depth: int = 4
+
+    def __post_init__(self) -> None:
+        if self.family not in GUIDE_FAMILIES:
+            raise InputError(f"unknown guide {self.family!r}; {closest_names(self.family, GUIDE_FAMILIES)}")
+        if self.flow not in FLOWS:
+            raise InputError(f"unknown flow {self.flow!r}; {closest_names(self.flow, FLOWS)}")
+        for name in ("components", "flow_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> GuideConfig:
+        return dataclass_from_dict(cls, values, source)
+
+
+def build_guide(config: GuideConfig, x_dim: int, z_dim: int, hidden: tuple[int, ...], activation: str = "relu") -> nn.Module:
+    """The guide of ``config``'s family for a model with one latent site ``"z"`` of width ``z_dim``.
+
+    The encoder has the model's hidden widths (the decoder runs them reversed), as in the VAE paper.
+    """
+    if config.family == "mixture":
+        return MixtureGuide(x_dim, z_dim, components=config.components, hidden=hidden, activation=activation)
+    if config.family == "flow":
+        return FlowGuide(x_dim, z_dim, flow=config.flow, depth=config.flow_depth, hidden=hidden, activation=activation)
+    return GaussianGuide(x_dim, z_dim, hidden, activation=activation)
