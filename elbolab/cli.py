@@ -40,6 +40,7 @@ from elbolab.analysis import (
 )
 from elbolab.data import DATASETS, Dataset
 from elbolab.errors import InputError
+from elbolab.guides import FLOWS, GUIDE_FAMILIES
 from elbolab.inference import (
     FitConfig,
     RunConfig,
@@ -52,7 +53,7 @@ from elbolab.inference import (
 from elbolab.inference.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
-    build_guide,
+    build_run_guide,
     read_json,
     write_json,
 )
@@ -141,6 +142,11 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--activation": ("model", "activation", {"choices": list(ACTIVATIONS), "help": "default relu"}),
     "--obs-scale": ("model", "obs_scale", {"type": _obs_scale, "metavar": "S|learned",
                     "help": "gaussian likelihood: fixed scale, or learned per pixel (default)"}),
+    "--guide": ("guide", "family", {"choices": list(GUIDE_FAMILIES),
+                "help": "q(z|x): diagonal gaussian (default), mixture of gaussians, or normalizing flow"}),
+    "--components": ("guide", "components", {"type": _positive_int, "help": "mixture guide: components (default 5)"}),
+    "--flow": ("guide", "flow", {"choices": list(FLOWS), "help": "flow guide: layer type (default iaf)"}),
+    "--flow-depth": ("guide", "flow_depth", {"type": _positive_int, "help": "flow guide: layers (default 4)"}),
     "--objective": ("fit", "objective", {"metavar": "NAME", "help": "objective (default elbo); one of: " + ", ".join(OBJECTIVES)}),
     "--particles": ("fit", "particles", {"type": _positive_int, "help": "samples of z per data point (default 1)"}),
     "--beta": ("fit", "beta", {"type": _float, "help": "weight of the KL term, beta-VAE (default 1)"}),
@@ -300,7 +306,7 @@ def _new_model_and_guide(config: RunConfig, train: Dataset) -> tuple[Any, Any]:
     model = build_model(config.model, train.x_dim)
     if isinstance(model, VAE):
         model.init_output_bias(train.x)
-    return model, build_guide(config.model, train.x_dim)
+    return model, build_run_guide(config, train.x_dim)
 
 
 def _publish(out: Path, write: Any) -> None:
@@ -323,7 +329,8 @@ def _fit(args: argparse.Namespace) -> None:
     config = _run_config(args)
     fc: FitConfig = config.fit
     name, options = parse_objective_spec(fc.objective)
-    out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}-{name}-seed{fc.seed}"
+    family = "" if config.guide.family == "gaussian" or config.model.name == "autoencoder" else f"-{config.guide.family}"
+    out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}{family}-{name}-seed{fc.seed}"
     _refuse_existing(out, args.overwrite)
     if config.model.name == "autoencoder" and name != "reconstruction":
         raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
@@ -366,7 +373,7 @@ def _compare(args: argparse.Namespace) -> None:
     train, valid = _training_data(config)
     test = config.data.load("test")
     comparison = compare_runs(
-        lambda: _new_model_and_guide(config, train)[0], lambda: build_guide(config.model, train.x_dim),
+        lambda: _new_model_and_guide(config, train)[0], lambda: build_run_guide(config, train.x_dim),
         train, objectives=specs, seeds=seeds, test=test, valid=valid, epochs=fc.epochs,
         batch_size=fc.batch_size, lr=fc.lr, num_samples=args.num_samples, device=fc.device,
         progress=False if args.quiet else None,
@@ -434,7 +441,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics_path = path / METRICS_FILE
         previous = read_json(metrics_path) if metrics_path.exists() else {}
         write_json(metrics_path, previous | metrics)
-        rows.append({"run": str(path), "model": run.config.model.name, "objective": run.config.fit.objective,
+        rows.append({"run": str(path), "model": run.config.model.name, "guide": run.config.guide.family,
+                     "objective": run.config.fit.objective,
                      **{k.removeprefix(f"{split}_"): v for k, v in metrics.items() if k.startswith(f"{split}_")}})
     if not args.quiet:
         table = pd.DataFrame(rows)

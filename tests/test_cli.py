@@ -41,6 +41,18 @@ def test_sample_writes_an_image_grid(fitted_run, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("guide", [["--guide", "mixture", "--components", "3"],
+                                   ["--guide", "flow", "--flow", "affine-coupling", "--flow-depth", "2"]])
+def test_fit_and_evaluate_with_a_richer_guide(tmp_path, guide):
+    out = tmp_path / "run"
+    assert main(["fit", *TINY, *guide, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["guide"]["family"] == guide[1]
+    assert main(["evaluate", str(out), "--num-samples", "20", "--quiet"]) == 0  # the guide is rebuilt and loaded
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_elbo"] <= metrics["test_log_likelihood"] < 0
+
+
 def test_toml_config_fills_the_same_fields_and_flags_override(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('[data]\nname = "digits"\nbinarize = "dynamic"\n[model]\nz_dim = 3\nhidden = [16]\n[fit]\nepochs = 1\nseed = 4\n')
@@ -62,6 +74,9 @@ def test_toml_config_fills_the_same_fields_and_flags_override(tmp_path):
         (["fit", "--binarize", "dynamic", "--device", "cuda:7"], "CUDA is not available"),
         (["fit", "--hidden", "10,x"], "--hidden"),
         (["fit", "--config", "/nonexistent.toml"], "no such config file"),
+        (["fit", "--binarize", "dynamic", "--guide", "flw"], "--guide"),
+        (["fit", "--binarize", "dynamic", "--guide", "mixture", "--components", "0"], "--components"),
+        (["fit", "--binarize", "dynamic", "--guide", "mixture", "--objective", "elbo-analytic"], "no closed-form KL"),
         (["evaluate", "/nonexistent-run"], "no such run folder"),
     ],
 )

@@ -2,7 +2,7 @@
 
 Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A run folder:
 
-    config.json           RunConfig: [data], [model], [fit] sections, data shape, format version
+    config.json           RunConfig: [data], [model], [guide], [fit] sections, data shape, format version
     weights.safetensors   model and guide state, keys prefixed "model." and "guide."
     history.csv           one row per epoch (see FitResult)
     metrics.json          written by `elbolab evaluate`
@@ -10,7 +10,7 @@ Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A 
 
 from __future__ import annotations
 
-__all__ = ["FORMAT_VERSION", "Run", "RunConfig", "load_run", "read_json", "save_run", "write_json"]
+__all__ = ["FORMAT_VERSION", "Run", "RunConfig", "build_run_guide", "load_run", "read_json", "save_run", "write_json"]
 
 import json
 import os
@@ -27,7 +27,7 @@ from torch import nn
 
 from elbolab.data import DataConfig
 from elbolab.errors import InputError, closest_names
-from elbolab.guides import GaussianGuide
+from elbolab.guides import GuideConfig, build_guide
 from elbolab.inference.fit import FitConfig
 from elbolab.models import ModelConfig, build_model
 
@@ -45,7 +45,7 @@ class RunConfig:
     """Everything that defines a run: what a TOML config file or the CLI flags fill.
 
     Attributes:
-        data, model, fit: the three sections.
+        data, model, fit, guide: the four sections (a config without ``[guide]`` has a Gaussian guide).
         x_dim, image_shape: the shape of the training data, recorded when the run is fitted so
             that the model can be rebuilt without reading the data.
     """
@@ -53,6 +53,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
     x_dim: int | None = None
     image_shape: tuple[int, int] | None = None
 
@@ -61,6 +62,7 @@ class RunConfig:
             "format_version": FORMAT_VERSION,
             "data": self.data.to_dict(),
             "model": self.model.to_dict(),
+            "guide": self.guide.to_dict(),
             "fit": self.fit.to_dict(),
             "x_dim": self.x_dim,
             "image_shape": list(self.image_shape) if self.image_shape else None,
@@ -73,7 +75,7 @@ class RunConfig:
         version = raw.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise InputError(f"{source}: format version {version} is not supported (this elbolab reads {FORMAT_VERSION})")
-        sections = {"data": DataConfig, "model": ModelConfig, "fit": FitConfig}
+        sections = {"data": DataConfig, "model": ModelConfig, "guide": GuideConfig, "fit": FitConfig}
         unknown = set(raw) - set(sections) - {"x_dim", "image_shape"}
         if unknown:
             key = sorted(unknown)[0]
@@ -97,11 +99,12 @@ class Run:
     history: pd.DataFrame
 
 
-def build_guide(config: ModelConfig, x_dim: int) -> GaussianGuide | None:
-    """The guide elbolab pairs with a built-in model: a Gaussian encoder of the same widths."""
-    if config.name == "autoencoder":
+def build_run_guide(config: RunConfig, x_dim: int) -> nn.Module | None:
+    """A run's guide: none for the autoencoder, else the ``[guide]`` family with the model's widths."""
+    if config.model.name == "autoencoder":
         return None
-    return GaussianGuide(x_dim, config.z_dim, config.hidden, activation=config.activation)
+    model = config.model
+    return build_guide(config.guide, x_dim, model.z_dim, model.hidden, activation=model.activation)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -157,7 +160,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     if config.x_dim is None:
         raise InputError(f"{path / CONFIG_FILE}: x_dim is missing; was this run fitted?")
     model = build_model(config.model, config.x_dim)
-    guide = build_guide(config.model, config.x_dim)
+    guide = build_run_guide(config, config.x_dim)
     weights_path = path / WEIGHTS_FILE
     try:
         tensors = load_file(weights_path)
