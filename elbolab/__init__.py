@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from elbolab.data import DataConfig, Dataset, load_dataset
 from elbolab.errors import InputError
-from elbolab.guides import GaussianGuide
+from elbolab.guides import AutoAmortizedGuide, FlowGuide, GaussianGuide, MixtureGuide
 from elbolab.inference import (
     ELBO,
     FitConfig,
@@ -16,17 +16,22 @@ from elbolab.inference import (
     log_likelihood,
     save_run,
 )
-from elbolab.models import VAE, Autoencoder, ModelConfig
+from elbolab.models import VAE, Autoencoder, Latent, LatentModel, ModelConfig
 
 __all__ = [
     "ELBO",
     "VAE",
+    "AutoAmortizedGuide",
     "Autoencoder",
     "DataConfig",
     "Dataset",
     "FitConfig",
+    "FlowGuide",
     "GaussianGuide",
     "InputError",
+    "Latent",
+    "LatentModel",
+    "MixtureGuide",
     "ModelConfig",
     "RunConfig",
     "__version__",

@@ -1,8 +1,19 @@
 """Pyro models that follow the model contract (see DESIGN.md)."""
 
+from elbolab.models.latent import Latent, LatentModel
 from elbolab.models.vae import LIKELIHOODS, VAE, Autoencoder, Likelihood, ModelConfig
 
-__all__ = ["LIKELIHOODS", "MODELS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "build_model"]
+__all__ = [
+    "LIKELIHOODS",
+    "MODELS",
+    "VAE",
+    "Autoencoder",
+    "Latent",
+    "LatentModel",
+    "Likelihood",
+    "ModelConfig",
+    "build_model",
+]
 
 MODELS = {"vae": VAE, "autoencoder": Autoencoder}
 
