@@ -12,8 +12,8 @@ One training step (loss, backward, fused Adam update) of the IWAE paper's one-st
   ``loss_and_grads`` (it has no ``differentiable_loss``), the anchor to beat.
 
 Every variant has its own copy of the same initial weights and its own fused Adam; they run
-interleaved, so all see the same machine load. Prints the median milliseconds per step and the
-ratios elbolab / plain.
+interleaved in a shuffled order, so all see the same machine load. Prints the median milliseconds
+per step and, for each ratio (elbolab / plain), the median over repeats of the ratio within a repeat.
 
     python benchmarks/iwae_step_cost.py [--data-dir ../shared/data/binarized_mnist] [--steps 50] [--repeats 7]
 """
@@ -24,6 +24,7 @@ import argparse
 import copy
 import math
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -110,7 +111,7 @@ def pyro_renyi_step(model: VAE, guide: GaussianGuide, k: int) -> Callable[[torch
 
 
 def measure(x: torch.Tensor, k: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds per step of every variant at K = ``k``."""
+    """Milliseconds per step of every variant at K = ``k`` (median), and each ratio's median over repeats."""
     pyro.set_rng_seed(0)
     model = VAE(X_DIM, Z_DIM, hidden=HIDDEN, activation="tanh").init_output_bias(x).to(device)
     guide = GaussianGuide(X_DIM, Z_DIM, hidden=HIDDEN, activation="tanh").to(device)
@@ -123,20 +124,30 @@ def measure(x: torch.Tensor, k: int, steps: int, repeats: int, device: torch.dev
     }
     batches = [x[i * BATCH : (i + 1) * BATCH].to(device) for i in range(steps)]
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffler = random.Random(0)
     with pyro.validation_enabled(False):
         for run in variants.values():  # warm-up: first-call costs, allocator, plate-nesting trace
             for batch in batches[:3]:
                 run(batch)
         for _ in range(repeats):
-            for name, run in variants.items():
+            shuffler.shuffle(order)  # no variant always runs right after the same one
+            for name in order:
                 _sync(device)
                 start = time.perf_counter()
                 for batch in batches:
-                    run(batch)
+                    variants[name](batch)
                 _sync(device)
                 times[name].append(1000 * (time.perf_counter() - start) / steps)
     pyro.clear_param_store()
-    return {name: statistics.median(t) for name, t in times.items()}
+    result = {name: statistics.median(t) for name, t in times.items()}
+    # Ratios within a repeat compare runs seconds apart: robust to the machine's load drifting.
+    for name, reference in RATIOS.items():
+        result[f"{name} / {reference}"] = statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+    return result
+
+
+RATIOS = {"elbolab iwae": "plain iwae", "elbolab iwae-dreg": "plain dreg", "pyro RenyiELBO": "plain iwae"}
 
 
 def _sync(device: torch.device) -> None:
@@ -168,9 +179,10 @@ def main() -> None:
     print(header)
     for k in (int(v) for v in args.particles.split(",")):
         ms = measure(x, k, args.steps, args.repeats, device)
-        print(f"{k:>4} | {ms['plain iwae']:10.2f} | {ms['elbolab iwae']:12.2f} | {ms['elbolab iwae'] / ms['plain iwae']:5.2f} | "
-              f"{ms['plain dreg']:10.2f} | {ms['elbolab iwae-dreg']:12.2f} | {ms['elbolab iwae-dreg'] / ms['plain dreg']:5.2f} | "
-              f"{ms['pyro RenyiELBO']:10.2f} | {ms['pyro RenyiELBO'] / ms['plain iwae']:5.2f}", flush=True)
+        ratios = [ms[f"{name} / {reference}"] for name, reference in RATIOS.items()]
+        print(f"{k:>4} | {ms['plain iwae']:10.2f} | {ms['elbolab iwae']:12.2f} | {ratios[0]:5.2f} | "
+              f"{ms['plain dreg']:10.2f} | {ms['elbolab iwae-dreg']:12.2f} | {ratios[1]:5.2f} | "
+              f"{ms['pyro RenyiELBO']:10.2f} | {ratios[2]:5.2f}", flush=True)
 
 
 if __name__ == "__main__":

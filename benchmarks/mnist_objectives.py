@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/mnist-objectives"))
     args = parser.parse_args()
+    # The commit of the code that runs, read before a long run during which the tree may change.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     start = time.perf_counter()
     status = elbolab_main([
         "compare", "--data", "binarized-mnist", "--data-dir", args.data_dir, "--train-split", "train+valid",
@@ -50,7 +52,6 @@ def main() -> int:
     seconds = time.perf_counter() - start
     table = pd.read_csv(args.out / "comparison.csv")
     summary = table.groupby("objective", sort=False)[["test_elbo", "test_log_likelihood", "train_seconds"]].mean()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"\nelbolab {commit}, torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"{args.epochs} epochs, seeds {args.seeds}, {seconds / 60:.1f} min in all")
     print(f"| objective | test ELBO | test log p(x), K = {args.num_samples} | paper, 3,280 epochs | train s |")

@@ -147,6 +147,8 @@ class DiagonalGaussianMixture(dist.TorchDistribution):
             component = torch.distributions.Categorical(logits=logits).sample()
             pick = component[..., None, None].expand(*shape[:-1], 1, shape[-1])
             z = loc.gather(-2, pick).squeeze(-2) + scale.gather(-2, pick).squeeze(-2) * torch.randn(shape, dtype=loc.dtype, device=loc.device)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (logits, loc, scale))):
+            return z  # nothing to differentiate (evaluation): skip the implicit gradient
         cdf, jacobian = _conditional_cdfs(z, logits, loc, scale)
         # value z; gradient -J^{-1} dF/dphi (implicit function theorem), J held constant.
         shift = torch.linalg.solve_triangular(jacobian, (cdf - cdf.detach()).unsqueeze(-1), upper=False)
