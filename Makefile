@@ -33,6 +33,7 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/iwae_step_cost.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check elbolab tests benchmarks
