@@ -18,7 +18,10 @@ Gradients for the guide's parameters phi:
   estimators for Monte Carlo objectives"):
   ``grad_phi = sum_k wbar_k^2 dlog w_k / dz_k dz_k / dphi``, with ``wbar`` the normalized
   weights and ``log q`` under stopped gradients on phi. The model's parameters get the standard
-  IWAE gradient ``sum_k wbar_k grad_theta log w_k``.
+  IWAE gradient ``sum_k wbar_k grad_theta log w_k``. The second factor ``wbar_k`` is applied by a
+  gradient hook on the guide's sample, so DReG takes guides with one sampled latent site per
+  data point (deterministic ``Delta`` sites computed from it are fine); a second site sampled
+  given the first would be weighted twice, and is refused.
 
 The value of the loss is ``-L_K`` in every case; only the gradients differ.
 """

@@ -149,6 +149,8 @@ def site_log_prob(site: dict) -> Tensor:
     try:
         log_prob = site["fn"].log_prob(site["value"])
     except (NotImplementedError, KeyError):
+        if not isinstance(site["fn"], torch.distributions.TransformedDistribution):
+            raise
         # Pyro's planar and radial flows invert only their own cached samples (KeyError otherwise).
         raise InputError(
             f"site {site['name']!r} ({type(site['fn']).__name__}) cannot invert its transforms to evaluate its "

@@ -5,6 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from elbolab.data import load_dataset
@@ -73,7 +74,7 @@ def covered(model, guide, x):
 
 @pytest.mark.parametrize("family, options", [("gaussian", {}), ("mixture", {"components": 3}),
                                               ("flow", {"flow": "iaf", "depth": 2})])
-def test_model_with_two_latent_sites_of_different_shapes(family, options):
+def test_model_with_two_latent_sites_of_different_shapes(family, options, tmp_path):
     data = load_dataset("digits", binarize="threshold")
     x = data.x[:300]
     pyro.set_rng_seed(0)
@@ -87,6 +88,19 @@ def test_model_with_two_latent_sites_of_different_shapes(family, options):
     after = get_objective("elbo", num_particles=10).loss(model, guide, x)
     assert after < before - 5 * x.shape[0]
     assert torch.isfinite(log_likelihood(model, guide, x[:20], num_samples=64)).all()
+    get_objective("iwae", num_particles=3).differentiable_loss(model, guide, x[:50]).backward()
+    for name, param in guide.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    save_file(guide.state_dict(), tmp_path / "guide.safetensors")
+    loaded = AutoAmortizedGuide(model, x[:10], family=family, hidden=(32,), **options)
+    loaded.load_state_dict(load_file(tmp_path / "guide.safetensors"))
+    draws = []
+    for g in (guide, loaded):  # the same noise through both: the same latents and densities
+        pyro.set_rng_seed(4)
+        trace = poutine.trace(g).get_trace(x[:10])
+        trace.compute_log_prob()
+        draws.append([(trace.nodes[n]["value"], trace.nodes[n]["log_prob"]) for n in ("z", "brightness")])
+    torch.testing.assert_close(draws[0], draws[1])
 
 
 def test_positive_latent_gets_the_jacobian_of_its_transform():
