@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_flags(fit_parser)
-    fit_parser.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/DATA-MODEL-OBJECTIVE-seedN)")
+    fit_parser.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/DATA-MODEL[-GUIDE]-OBJECTIVE-seedN)")
     fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     fit_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 

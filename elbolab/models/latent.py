@@ -33,12 +33,12 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from elbolab.errors import InputError
-from elbolab.models.vae import Likelihood, _observation
+from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
+from elbolab.models.vae import Likelihood
 from elbolab.nn import mlp
 
 RESERVED = ("x", "data")
@@ -154,16 +154,12 @@ class LatentModel(nn.Module):
                 pieces.append(value.reshape(*batch, self.widths[latent.name]))
             return pyro.sample("x", self.observation(self.decoder(torch.cat(pieces, dim=-1))), obs=x)
 
-    @torch.no_grad()
     def generate(self, n: int, *, mean: bool = True) -> Tensor:
         """``n`` draws from the prior, decoded: the means of ``p(x | z)``, or samples with ``mean=False``."""
-        return _observation(poutine.trace(self).get_trace(None, batch_size=n), mean)
+        return decode_prior_draws(self, n, mean=mean)
 
-    @torch.no_grad()
     def reconstruct(self, x: Tensor, guide: Callable[..., Any] | None = None, *, mean: bool = True) -> Tensor:
         """Encode ``x`` with ``guide`` (one draw of every latent) and decode it: ``[N, x_dim]``."""
         if guide is None:
             raise InputError("LatentModel.reconstruct needs the guide that encodes x")
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model = poutine.replay(self, guide_trace)
-        return _observation(poutine.trace(model).get_trace(None, batch_size=x.shape[0]), mean)
+        return decode_posterior_draws(self, guide, x, mean=mean)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from elbolab.config import dataclass_from_dict
 from elbolab.distributions import BernoulliRow
 from elbolab.errors import InputError, closest_names
+from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.nn import ACTIVATIONS, mlp
 
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
@@ -167,18 +168,15 @@ class VAE(nn.Module):
             z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
             return pyro.sample("x", self.observation(self.decoder(z)), obs=x)
 
-    @torch.no_grad()
     def generate(self, n: int, *, mean: bool = True) -> Tensor:
         """``n`` draws ``z ~ p(z)``, decoded: the means of ``p(x | z)``, or samples with ``mean=False``."""
-        return _observation(poutine.trace(self).get_trace(None, batch_size=n), mean)
+        return decode_prior_draws(self, n, mean=mean)
 
-    @torch.no_grad()
     def reconstruct(self, x: Tensor, guide: Callable[..., Any] | None = None, *, mean: bool = True) -> Tensor:
         """Encode ``x`` with ``guide`` (one draw of ``q(z | x)``) and decode it: ``[N, x_dim]``."""
         if guide is None:
             raise InputError("VAE.reconstruct needs the guide that encodes x")
-        guide_trace = poutine.trace(guide).get_trace(x)
-        return _observation(poutine.trace(poutine.replay(self, guide_trace)).get_trace(None, batch_size=x.shape[0]), mean)
+        return decode_posterior_draws(self, guide, x, mean=mean)
 
 
 class Autoencoder(nn.Module):
@@ -222,8 +220,3 @@ class Autoencoder(nn.Module):
 
     def generate(self, n: int, *, mean: bool = True) -> Tensor:
         raise InputError("an Autoencoder has no prior over codes and cannot generate; use a VAE")
-
-
-def _observation(trace: poutine.Trace, mean: bool) -> Tensor:
-    site = trace.nodes["x"]
-    return site["fn"].mean if mean else site["value"]
