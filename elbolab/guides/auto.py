@@ -35,11 +35,8 @@ from torch import Tensor, nn
 from torch.distributions import biject_to, constraints
 
 from elbolab.errors import InputError, closest_names
-from elbolab.guides.flow import FlowGuide
-from elbolab.guides.gaussian import GaussianGuide
-from elbolab.guides.mixture import MixtureGuide
+from elbolab.guides.config import GUIDE_CLASSES
 
-FAMILIES = {"gaussian": GaussianGuide, "mixture": MixtureGuide, "flow": FlowGuide}
 FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "depth", "flow_hidden")}
 DATA_PLATE = "data"
 
@@ -94,8 +91,8 @@ class AutoAmortizedGuide(nn.Module):
         **family_options: Any,
     ) -> None:
         super().__init__()
-        if family not in FAMILIES:
-            raise InputError(f"AutoAmortizedGuide: unknown family {family!r}; {closest_names(family, FAMILIES)}")
+        if family not in GUIDE_CLASSES:
+            raise InputError(f"AutoAmortizedGuide: unknown family {family!r}; {closest_names(family, GUIDE_CLASSES)}")
         unknown = set(family_options) - set(FAMILY_OPTIONS[family])
         if unknown:
             valid = ", ".join(FAMILY_OPTIONS[family]) or "none"
@@ -105,7 +102,7 @@ class AutoAmortizedGuide(nn.Module):
         local, global_, self.data_dim = self._inspect(model, x_example)
         self.local_sites, self.global_sites = _latent_sites(local), _latent_sites(global_)
         x_width = math.prod(x_example.shape[1:])
-        joint = FAMILIES[family]
+        joint = GUIDE_CLASSES[family]
         self.local_q = None
         if self.local_sites:
             width = sum(site.size for site in self.local_sites)

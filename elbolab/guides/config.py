@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GUIDE_FAMILIES", "GuideConfig", "build_guide"]
+__all__ = ["GUIDE_CLASSES", "GUIDE_FAMILIES", "GuideConfig", "build_guide"]
 
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,7 +15,9 @@ from elbolab.guides.flow import FLOWS, FlowGuide
 from elbolab.guides.gaussian import GaussianGuide
 from elbolab.guides.mixture import MixtureGuide
 
-GUIDE_FAMILIES = ("gaussian", "mixture", "flow")
+# family name -> guide class; every class takes (x_dim, z_dim, hidden=..., activation=..., **its options)
+GUIDE_CLASSES: dict[str, type[nn.Module]] = {"gaussian": GaussianGuide, "mixture": MixtureGuide, "flow": FlowGuide}
+GUIDE_FAMILIES = tuple(GUIDE_CLASSES)
 
 
 @dataclass
@@ -57,8 +59,9 @@ def build_guide(config: GuideConfig, x_dim: int, z_dim: int, hidden: tuple[int, 
 
     The encoder has the model's hidden widths (the decoder runs them reversed), as in the VAE paper.
     """
-    if config.family == "mixture":
-        return MixtureGuide(x_dim, z_dim, components=config.components, hidden=hidden, activation=activation)
-    if config.family == "flow":
-        return FlowGuide(x_dim, z_dim, flow=config.flow, depth=config.flow_depth, hidden=hidden, activation=activation)
-    return GaussianGuide(x_dim, z_dim, hidden, activation=activation)
+    options = {
+        "gaussian": {},
+        "mixture": {"components": config.components},
+        "flow": {"flow": config.flow, "depth": config.flow_depth},
+    }[config.family]
+    return GUIDE_CLASSES[config.family](x_dim, z_dim, hidden=hidden, activation=activation, **options)

@@ -33,7 +33,7 @@ from __future__ import annotations
 __all__ = ["FLOWS", "FlowGuide"]
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -45,22 +45,19 @@ from torch import Tensor, nn
 from elbolab.errors import InputError, closest_names
 from elbolab.nn import mlp
 
-FLOWS = ("iaf", "spline", "affine-coupling", "planar", "radial")
-_PERMUTED = ("iaf", "spline", "affine-coupling")
 SPLINE_BINS = 8
 SPLINE_MIN_DERIVATIVE = 1e-3  # Pyro's default for its splines
 
-
-def _conditional_layer(flow: str, z_dim: int, context_dim: int, hidden: list[int]) -> T.ConditionalTransformModule:
-    if flow == "iaf":
-        return T.conditional_affine_autoregressive(z_dim, context_dim, hidden_dims=hidden)
-    if flow == "spline":
-        return T.conditional_spline_autoregressive(z_dim, context_dim, hidden_dims=hidden, count_bins=SPLINE_BINS, bound=3.0)
-    if flow == "affine-coupling":
-        return T.conditional_affine_coupling(z_dim, context_dim, hidden_dims=hidden)
-    if flow == "planar":
-        return T.conditional_planar(z_dim, context_dim, hidden_dims=hidden)
-    return T.conditional_radial(z_dim, context_dim, hidden_dims=hidden)
+# flow name -> conditional layer (z_dim, context_dim, hidden widths of its parameter network)
+_LAYERS: dict[str, Callable[[int, int, list[int]], T.ConditionalTransformModule]] = {
+    "iaf": lambda z, c, h: T.conditional_affine_autoregressive(z, c, hidden_dims=h),
+    "spline": lambda z, c, h: T.conditional_spline_autoregressive(z, c, hidden_dims=h, count_bins=SPLINE_BINS, bound=3.0),
+    "affine-coupling": lambda z, c, h: T.conditional_affine_coupling(z, c, hidden_dims=h),
+    "planar": lambda z, c, h: T.conditional_planar(z, c, hidden_dims=h),
+    "radial": lambda z, c, h: T.conditional_radial(z, c, hidden_dims=h),
+}
+FLOWS = tuple(_LAYERS)
+_PERMUTED = ("iaf", "spline", "affine-coupling")  # layers that transform some coordinates given others
 
 
 def _start_at_identity(layer: nn.Module, flow: str, z_dim: int) -> None:
@@ -122,7 +119,7 @@ class FlowGuide(nn.Module):
             raise InputError(f"FlowGuide: unknown flow {flow!r}; {closest_names(flow, FLOWS)}")
         if isinstance(depth, bool) or int(depth) != depth or depth < 1:
             raise InputError(f"FlowGuide: depth must be a positive integer, got {depth}")
-        if flow in ("iaf", "spline", "affine-coupling") and z_dim < 2:
+        if flow in _PERMUTED and z_dim < 2:
             raise InputError(f"FlowGuide: the {flow} flow needs z_dim of 2 or more, got {z_dim}")
         if not hidden:
             raise InputError("FlowGuide: hidden needs at least one width (its last layer is the flows' context)")
@@ -130,16 +127,11 @@ class FlowGuide(nn.Module):
         self.head = nn.Linear(hidden[-1], 2 * z_dim)
         context_dim = hidden[-1]
         widths = list(flow_hidden) if flow_hidden is not None else [max(4 * z_dim, 32)]
-        self.layers = nn.ModuleList(_conditional_layer(flow, z_dim, context_dim, widths) for _ in range(int(depth)))
+        self.layers = nn.ModuleList(_LAYERS[flow](z_dim, context_dim, widths) for _ in range(int(depth)))
         for layer in self.layers:
             _start_at_identity(layer, flow, z_dim)
         self.flow, self.z_dim, self.site, self.min_scale = flow, z_dim, site, min_scale
         self.register_buffer("reversal", torch.arange(z_dim - 1, -1, -1), persistent=False)
-
-    @property
-    def invertible(self) -> bool:
-        """Whether ``log q`` can be evaluated at any z (needed by ``*-stl`` and ``iwae-dreg``)."""
-        return self.flow in _PERMUTED
 
     def distribution(self, x: Tensor) -> dist.TransformedDistribution:
         """``q(z | x)`` for a batch: batch shape ``[N]``, event shape ``[z_dim]``."""
