@@ -8,6 +8,7 @@ from elbolab.analysis.compare import (
     summarize,
     to_markdown,
 )
+from elbolab.analysis.diagnostics import K_HAT_BAD, K_HAT_GOOD, importance_diagnostics
 from elbolab.analysis.plots import (
     plot_comparison_curves,
     plot_comparison_summary,
@@ -17,10 +18,13 @@ from elbolab.analysis.plots import (
 )
 
 __all__ = [
+    "K_HAT_BAD",
+    "K_HAT_GOOD",
     "Comparison",
     "active_units",
     "compare",
     "compare_runs",
+    "importance_diagnostics",
     "plot_comparison_curves",
     "plot_comparison_summary",
     "plot_history",

@@ -2,7 +2,12 @@
 
 from elbolab.inference.checkpoint import Run, RunConfig, load_run, save_run
 from elbolab.inference.elbo import ELBO
-from elbolab.inference.evaluate import ImportanceEstimate, importance_estimate, log_likelihood
+from elbolab.inference.evaluate import (
+    ImportanceEstimate,
+    importance_estimate,
+    log_importance_weights,
+    log_likelihood,
+)
 from elbolab.inference.fit import FitConfig, FitResult, fit, resolve_device
 from elbolab.inference.objectives import OBJECTIVES, get_objective, register_objective
 from elbolab.inference.schedules import kl_warmup
@@ -20,6 +25,7 @@ __all__ = [
     "importance_estimate",
     "kl_warmup",
     "load_run",
+    "log_importance_weights",
     "log_likelihood",
     "register_objective",
     "resolve_device",

@@ -11,10 +11,10 @@ and processed in chunks over data points and samples, so memory stays bounded fo
 
 from __future__ import annotations
 
-__all__ = ["ImportanceEstimate", "importance_estimate", "log_likelihood"]
+__all__ = ["ImportanceEstimate", "importance_estimate", "log_importance_weights", "log_likelihood"]
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,64 @@ def importance_estimate(
     Returns:
         An :class:`ImportanceEstimate`.
     """
+    results: dict[str, list[Tensor]] = {k: [] for k in ("log_likelihood", "elbo", "reconstruction", "ess")}
+    lse_w = lse_w2 = None
+    sum_log_w = sum_log_lik = 0.0
+    for log_w, log_lik, last in _weight_chunks(model, guide, x, args, num_samples, batch_size, progress):
+        chunk_lse, chunk_lse2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
+        lse_w = chunk_lse if lse_w is None else torch.logaddexp(lse_w, chunk_lse)
+        lse_w2 = chunk_lse2 if lse_w2 is None else torch.logaddexp(lse_w2, chunk_lse2)
+        sum_log_w = sum_log_w + log_w.sum(0)
+        sum_log_lik = sum_log_lik + log_lik.sum(0)
+        if last:  # every sample of this batch of points is in: finish it
+            results["log_likelihood"].append((lse_w - math.log(num_samples)).cpu())
+            results["elbo"].append((sum_log_w / num_samples).cpu())
+            results["reconstruction"].append((sum_log_lik / num_samples).cpu())
+            results["ess"].append((2 * lse_w - lse_w2).exp().cpu())
+            lse_w = lse_w2 = None
+            sum_log_w = sum_log_lik = 0.0
+    return ImportanceEstimate(**{k: torch.cat(v) for k, v in results.items()}, num_samples=int(num_samples))
+
+
+@torch.no_grad()
+def log_importance_weights(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: Tensor,
+    *args: Tensor,
+    num_samples: int = 1000,
+    batch_size: int | None = None,
+    progress: bool | None = False,
+) -> Tensor:
+    """Every log importance weight ``log p(x_n, z_k) - log q(z_k | x_n)``, a CPU tensor ``[K, N]``.
+
+    The raw material of per-data-point diagnostics (PSIS k-hat, effective sample size), which
+    need all K weights of a point at once; :func:`importance_estimate` streams them instead.
+    Arguments are those of :func:`importance_estimate`.
+    """
+    columns, samples = [], []
+    for log_w, _, last in _weight_chunks(model, guide, x, args, num_samples, batch_size, progress):
+        samples.append(log_w.cpu())
+        if last:
+            columns.append(torch.cat(samples))
+            samples = []
+    return torch.cat(columns, dim=1)
+
+
+def _weight_chunks(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: Tensor,
+    args: tuple[Tensor, ...],
+    num_samples: int,
+    batch_size: int | None,
+    progress: bool | None,
+) -> Iterator[tuple[Tensor, Tensor, bool]]:
+    """``(log w [k, n], log p(x | z) [k, n], last)`` for chunks of samples of batches of points.
+
+    Batches of points come in order; within a batch, chunks of samples, ``last`` on its final one.
+    Chunks keep memory bounded by :data:`CHUNK_ELEMENTS`; the particles of a chunk are vectorized.
+    """
     if int(num_samples) != num_samples or num_samples < 1:
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     num_points = x.shape[0]
@@ -85,30 +143,17 @@ def importance_estimate(
         batch_size = max(1, min(num_points, CHUNK_ELEMENTS // (16 * width)))
     sample_chunk = max(1, min(num_samples, CHUNK_ELEMENTS // (batch_size * width)))
     nesting = max_plate_nesting(model, guide, (x[:1], *(a[:1] for a in args)), {})
-
-    results: dict[str, list[Tensor]] = {k: [] for k in ("log_likelihood", "elbo", "reconstruction", "ess")}
     bar = tqdm(total=num_points, desc="log p(x)", unit="pt", disable=_disable(progress), leave=False)
     with pyro.validation_enabled(False):
         for start in range(0, num_points, batch_size):
             batch = (x[start : start + batch_size], *(a[start : start + batch_size] for a in args))
-            lse_w = lse_w2 = None
-            sum_log_w = sum_log_lik = 0.0
             for done in range(0, num_samples, sample_chunk):
                 k = min(sample_chunk, num_samples - done)
                 model_trace, guide_trace = run_traced(model, guide, batch, {}, k, nesting)
                 log_w, log_lik = log_weights_per_point(model_trace, guide_trace, nesting)
-                chunk_lse, chunk_lse2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
-                lse_w = chunk_lse if lse_w is None else torch.logaddexp(lse_w, chunk_lse)
-                lse_w2 = chunk_lse2 if lse_w2 is None else torch.logaddexp(lse_w2, chunk_lse2)
-                sum_log_w = sum_log_w + log_w.sum(0)
-                sum_log_lik = sum_log_lik + log_lik.sum(0)
-            results["log_likelihood"].append((lse_w - math.log(num_samples)).cpu())
-            results["elbo"].append((sum_log_w / num_samples).cpu())
-            results["reconstruction"].append((sum_log_lik / num_samples).cpu())
-            results["ess"].append((2 * lse_w - lse_w2).exp().cpu())
+                yield log_w, log_lik, done + k == num_samples
             bar.update(batch[0].shape[0])
     bar.close()
-    return ImportanceEstimate(**{k: torch.cat(v) for k, v in results.items()}, num_samples=int(num_samples))
 
 
 def log_likelihood(
