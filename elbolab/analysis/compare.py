@@ -7,7 +7,7 @@ data with the same number of importance samples. Differences in the table are th
 
 from __future__ import annotations
 
-__all__ = ["Comparison", "active_units", "compare", "compare_runs", "summarize", "to_markdown"]
+__all__ = ["Comparison", "compare", "compare_runs", "summarize", "to_markdown"]
 
 import time
 from collections.abc import Callable, Sequence
@@ -16,40 +16,14 @@ from typing import Any
 
 import pandas as pd
 import pyro
-import torch
-from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from elbolab.analysis.latent import active_units
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference import fit, importance_estimate, resolve_device
 from elbolab.inference.objectives import get_objective, parse_objective_spec
-from elbolab.inference.traces import sample_sites
-
-
-@torch.no_grad()
-def active_units(guide: Callable[..., Any], x: Tensor, *, num_samples: int = 64, threshold: float = 0.01) -> int:
-    """Latent dimensions whose posterior mean varies across data points: ``Cov_x(E_q[z|x]) > 0.01``.
-
-    The criterion of Burda et al. (2016, section 5.2): a unit whose posterior mean does not
-    depend on x carries no information about it (posterior collapse). ``E_q[z | x]`` is
-    estimated by ``num_samples`` draws of the guide, so it works for any guide; the variance that
-    this Monte Carlo estimate adds, ``E_x[Var_q(z | x)] / num_samples`` (about 1/64 for a
-    collapsed unit, more than the threshold), is subtracted. All latent sites inside the data
-    plate are counted; auxiliary sites (an auto guide's joint variable) are not.
-    """
-    with pyro.plate("_active_units", num_samples, dim=-3), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x)
-    count = 0
-    for _, site in sample_sites(trace):
-        value = site["value"]
-        if site["is_observed"] or value.dim() < 3 or site["infer"].get("is_auxiliary"):
-            continue
-        means = value.mean(0).reshape(x.shape[0], -1)  # [N, dims of the site]
-        noise = value.var(0).reshape(x.shape[0], -1).mean(0) / num_samples
-        count += int((means.var(0) - noise > threshold).sum())
-    return count
 
 
 @dataclass(frozen=True)

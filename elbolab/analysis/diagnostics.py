@@ -16,24 +16,61 @@ For each data point n, K draws ``z_k ~ q(z | x_n)`` give log importance weights
   tails are too light), estimates of log p(x_n) from it cannot be trusted, and the encoder fails
   on it.
 
-The Pareto fit is ArviZ's (``arviz.psislw``). Every ArviZ call of elbolab lives in this module, so
-that moving to ArviZ 1.x, which changes these APIs, is a change to one file.
+The Pareto fit is ArviZ's (``arviz.psislw``).
+
+:func:`to_inference_data` exports draws of the guide as an ``arviz.InferenceData`` (see its
+docstring for the groups), :func:`save_inference_data` / :func:`load_inference_data` write and read
+it as netCDF, and :func:`plot_khat` / :func:`plot_ppc_statistics` draw ArviZ's k-hat and posterior
+predictive check plots. Every ArviZ call of elbolab lives in this module, so that moving to ArviZ
+1.x, which changes these APIs, is a change to one file.
 """
 
 from __future__ import annotations
 
-__all__ = ["K_HAT_BAD", "K_HAT_GOOD", "importance_diagnostics"]
+__all__ = [
+    "IMAGE_STATISTICS",
+    "K_HAT_BAD",
+    "K_HAT_GOOD",
+    "importance_diagnostics",
+    "load_inference_data",
+    "plot_khat",
+    "plot_ppc_statistics",
+    "save_inference_data",
+    "to_inference_data",
+]
 
 import math
+import os
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
+import pyro
+import torch
+from pyro import poutine
 from torch import Tensor
 
+from elbolab import __version__
+from elbolab.errors import InputError
 from elbolab.inference import log_importance_weights
+from elbolab.inference.evaluate import CHUNK_ELEMENTS
+from elbolab.inference.traces import (
+    DATA_PLATE,
+    PARTICLE_PLATE,
+    log_weights_per_point,
+    max_plate_nesting,
+    run_traced,
+    sample_sites,
+)
 
 K_HAT_GOOD = 0.5  # below: importance sampling from q is reliable for this point
 K_HAT_BAD = 0.7  # above: the guide cannot be trusted for this point
@@ -84,10 +121,17 @@ def importance_diagnostics(
     })
 
 
+def _arviz() -> Any:
+    # Imported when first used, not with elbolab: arviz is slow to import and prints a FutureWarning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+    return arviz
+
+
 def _pareto_k(log_weights: np.ndarray) -> np.ndarray:
     """PSIS k-hat of each row of ``[N, K]`` log weights (independent draws: relative efficiency 1)."""
-    import arviz  # here, not at import time: arviz is slow to import and prints a FutureWarning
-
+    arviz = _arviz()
     with warnings.catch_warnings():
         # ArviZ warns once per call when some k-hat is high: the table reports it point by point.
         warnings.simplefilter("ignore")
@@ -95,3 +139,259 @@ def _pareto_k(log_weights: np.ndarray) -> np.ndarray:
     k_hat = np.asarray(k_hat, dtype=float)
     k_hat[log_weights.std(axis=1) < EQUAL_WEIGHTS_STD] = -np.inf
     return k_hat
+
+
+# Summary statistics of an image for posterior predictive checks: replicated images should match
+# the observed ones in these, point by point and in distribution.
+IMAGE_STATISTICS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean_intensity": lambda x: x.mean(-1),
+    "on_pixels": lambda x: (x > 0.5).sum(-1),
+}
+
+
+def _site_dims(name: str, event_shape: tuple[int, ...]) -> list[str]:
+    """Named dims of one data point's value: ``z`` of shape [20] -> ``["z_dim"]``."""
+    if len(event_shape) == 1:
+        return [f"{name}_dim"]
+    return [f"{name}_dim_{i}" for i in range(len(event_shape))]
+
+
+@torch.no_grad()
+def to_inference_data(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: Tensor,
+    *args: Tensor,
+    num_samples: int = 100,
+    prior_samples: int = 0,
+    labels: Tensor | None = None,
+    statistics: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+    objective: str | None = None,
+    attrs: Mapping[str, str | int | float] | None = None,
+) -> Any:
+    """Draws of the guide for every data point, as an ``arviz.InferenceData``.
+
+    ``num_samples`` draws ``z_s ~ q(z | x_n)`` per point, one chain; every group shares the
+    coordinate ``obs`` = 0 .. N-1, the row of ``x`` (and of :func:`importance_diagnostics`'s table).
+
+    Groups:
+        ``posterior``: every latent site of the model, dims ``(chain, draw, obs, <site>_dim)``.
+        These are draws of the variational posterior q, not of p(z | x): weigh them by
+        ``exp(sample_stats.log_weight)`` (self-normalized per point) for p(z | x).
+        ``posterior_predictive``: ``x`` replicated from ``p(x | z_s)``, dims ``(chain, draw, obs,
+        x_dim)``, and each of ``statistics`` of the replicas, dims ``(chain, draw, obs)``.
+        ``log_likelihood``: ``x``, ``log p(x_n | z_s)``. ``sample_stats``: ``log_weight``, ``log
+        p(x_n, z_s) - log q(z_s | x_n)``. ``observed_data``: ``x`` and its ``statistics``.
+        ``constant_data``: ``label`` when ``labels`` are given. ``prior`` and
+        ``prior_predictive``: with ``prior_samples > 0``, that many draws of every latent and of
+        ``x`` from the model's prior, ``N`` per draw.
+
+    Arguments:
+        model, guide: a model following the contract and its guide; the model's latents must all
+            sit inside ``pyro.plate("data")`` (global latents would be drawn afresh per chunk).
+        x: data ``[N, D]`` on the model's device; ``*args``: further per-point tensors.
+        num_samples: draws per point.
+        prior_samples: draws from the prior (0: no prior groups).
+        labels: optional class labels ``[N]``.
+        statistics: name -> function of images ``[..., D]`` giving ``[...]``, e.g.
+            :data:`IMAGE_STATISTICS`, for posterior predictive checks (:func:`plot_ppc_statistics`).
+        objective: the objective the model was trained with, recorded in the attrs.
+        attrs: further attributes (strings or numbers) for every group.
+
+    Example:
+        >>> idata = to_inference_data(model, guide, test_x[:500], num_samples=100, statistics=IMAGE_STATISTICS)
+        >>> arviz.summary(idata, var_names=["z"])
+    """
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise InputError(f"num_samples must be a positive integer, got {num_samples}")
+    if int(prior_samples) != prior_samples or prior_samples < 0:
+        raise InputError(f"prior_samples must be a non-negative integer, got {prior_samples}")
+    num_points = x.shape[0]
+    if num_points == 0:
+        raise InputError("no data points to export")
+    if labels is not None and labels.shape[0] != num_points:
+        raise InputError(f"labels hold {labels.shape[0]} entries for {num_points} data points")
+    statistics = dict(statistics or {})
+    width = max(1, math.prod(x.shape[1:]))
+    nesting = max_plate_nesting(model, guide, (x[:1], *(a[:1] for a in args)), {})
+    chunk = max(1, CHUNK_ELEMENTS // (max(num_samples, prior_samples) * width))
+    latents: dict[str, list[np.ndarray]] = {}
+    event_shapes: dict[str, tuple[int, ...]] = {}
+    replicated, log_lik, log_weight = [], [], []
+    with pyro.validation_enabled(False):
+        for start in range(0, num_points, chunk):
+            batch = (x[start : start + chunk], *(a[start : start + chunk] for a in args))
+            n = batch[0].shape[0]
+            model_trace, guide_trace = run_traced(model, guide, batch, {}, num_samples, nesting)
+            for name, site in _model_latents(model_trace):
+                event_shapes[name] = tuple(site["fn"].event_shape)
+                latents.setdefault(name, []).append(_numpy(site["value"], num_samples, n, event_shapes[name]))
+            sample = model_trace.nodes["x"]["fn"].sample()
+            replicated.append(_numpy(sample, num_samples, n, tuple(x.shape[1:])))
+            w, ll = log_weights_per_point(model_trace, guide_trace, nesting)
+            log_weight.append(w.cpu().numpy())
+            log_lik.append(ll.cpu().numpy())
+    posterior = {name: np.concatenate(parts, axis=1)[None] for name, parts in latents.items()}
+    x_rep = np.concatenate(replicated, axis=1)[None]  # [1, S, N, D]
+    x_obs = x.detach().cpu().numpy()
+    x_dims = ["obs", *_site_dims("x", tuple(x.shape[1:]))]
+    dims = {name: ["obs", *_site_dims(name, shape)] for name, shape in event_shapes.items()}
+    dims |= {"x": x_dims} | {name: ["obs"] for name in (*statistics, "log_weight", "label")}
+    coords = {"obs": np.arange(num_points)}
+    model_name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
+    guide_name = type(guide).__name__ if isinstance(guide, torch.nn.Module) else getattr(guide, "__name__", "guide")
+    group_attrs = {
+        "model": model_name,
+        "guide": guide_name,
+        "objective": objective or "unknown",
+        "elbolab_version": __version__,
+        "num_samples": int(num_samples),
+        "posterior_is": "draws of the variational posterior q(z | x); importance weights in sample_stats.log_weight",
+        **(attrs or {}),
+    }
+    arviz = _arviz()
+
+    def dataset(variables: dict[str, np.ndarray], sampled: bool = True, per_point: bool = False) -> Any:
+        # per_point: one value per data point and draw (log p(x_n | z_s)), so "x" has no pixel dims.
+        group_dims = {name: ["obs"] for name in variables} if per_point else dims
+        return arviz.dict_to_dataset(variables, attrs=group_attrs, library=pyro, coords=coords, dims=group_dims,
+                                     default_dims=None if sampled else [])
+
+    def with_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
+        tensor = torch.from_numpy(images)
+        return {"x": images} | {name: fn(tensor).numpy() for name, fn in statistics.items()}
+
+    groups = {
+        "posterior": dataset(posterior),
+        "posterior_predictive": dataset(with_statistics(x_rep)),
+        "log_likelihood": dataset({"x": np.concatenate(log_lik, axis=1)[None]}, per_point=True),
+        "sample_stats": dataset({"log_weight": np.concatenate(log_weight, axis=1)[None]}),
+        "observed_data": dataset(with_statistics(x_obs), sampled=False),
+    }
+    if labels is not None:
+        groups["constant_data"] = dataset({"label": labels.detach().cpu().numpy()}, sampled=False)
+    if prior_samples:
+        prior, prior_x = _prior_draws(model, x, prior_samples, nesting, chunk)
+        groups["prior"] = dataset(prior)
+        groups["prior_predictive"] = dataset(with_statistics(prior_x))
+    return arviz.InferenceData(**groups)
+
+
+def _model_latents(trace: poutine.Trace) -> list[tuple[str, dict]]:
+    """The model's latent sample sites, each inside the data plate (else an error)."""
+    sites = []
+    for name, site in sample_sites(trace):
+        if site["is_observed"]:
+            continue
+        if not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"]):
+            raise InputError(
+                f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r}); to_inference_data exports "
+                "per-data-point latents only"
+            )
+        sites.append((name, site))
+    return sites
+
+
+def _numpy(value: Tensor, draws: int, points: int, event_shape: tuple[int, ...]) -> np.ndarray:
+    return value.reshape(draws, points, *event_shape).cpu().numpy()
+
+
+def _prior_draws(
+    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, chunk: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``draws`` runs of the model with ``x=None``, N points each: latents and generated x, ``[1, draws, N, ...]``."""
+    latents: dict[str, list[np.ndarray]] = {}
+    generated = []
+    for start in range(0, x.shape[0], chunk):
+        n = min(chunk, x.shape[0] - start)
+        with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)):
+            model(None, batch_size=n)
+        for name, site in _model_latents(tracer.trace):
+            latents.setdefault(name, []).append(_numpy(site["value"], draws, n, tuple(site["fn"].event_shape)))
+        generated.append(_numpy(tracer.trace.nodes["x"]["value"], draws, n, tuple(x.shape[1:])))
+    return (
+        {name: np.concatenate(parts, axis=1)[None] for name, parts in latents.items()},
+        np.concatenate(generated, axis=1)[None],
+    )
+
+
+def save_inference_data(idata: Any, path: str | Path) -> Path:
+    """Write ``idata`` as compressed netCDF, atomically (a temporary file in the folder, then a rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nc")
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_inference_data(path: str | Path) -> Any:
+    """Read an ``InferenceData`` netCDF file written by :func:`save_inference_data` (nothing unpickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        idata = _arviz().from_netcdf(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable InferenceData netCDF file ({error})") from None
+    for group in idata.groups():
+        idata[group].load()  # into memory, so that the file is closed and can be replaced
+    return idata
+
+
+def plot_khat(pareto_k: np.ndarray | pd.Series, path: str | Path, title: str = "") -> Path:
+    """PSIS k-hat per data point (ArviZ's ``plot_khat``) with the 0.5 and 0.7 thresholds marked.
+
+    Points whose weights are all equal (k-hat = -inf: q is the posterior) are drawn at the bottom of
+    the axis.
+    """
+    k_hat = np.asarray(pareto_k, dtype=float)
+    finite = k_hat[np.isfinite(k_hat)]
+    floor = min(finite.min(), 0.0) - 0.1 if finite.size else -0.5
+    shown = np.where(np.isfinite(k_hat), k_hat, floor)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _arviz().plot_khat(
+            shown, ax=ax, show_hlines=True, markersize=12 if k_hat.size > 2000 else 24, textsize=10,
+            hlines_kwargs={"hlines": [K_HAT_GOOD, K_HAT_BAD], "linestyle": ["--", "-"], "color": ["C2", "C3"]},
+        )
+    ax.set_xlabel("data point (row of diagnostics.csv)")
+    ax.set_ylabel("PSIS shape k-hat")
+    share_bad = float((k_hat > K_HAT_BAD).mean()) * 100
+    share_ok = float(((k_hat > K_HAT_GOOD) & (k_hat <= K_HAT_BAD)).mean()) * 100
+    ax.legend(handles=[
+        Line2D([], [], color="C3", label=f"k-hat > {K_HAT_BAD}: q unreliable ({share_bad:.1f}% of points)"),
+        Line2D([], [], color="C2", linestyle="--", label=f"{K_HAT_GOOD} < k-hat <= {K_HAT_BAD}: usable ({share_ok:.1f}%)"),
+    ], fontsize=8, loc="best")
+    ax.set_title(title or "PSIS k-hat of q(z|x) per data point", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ppc_statistics(idata: Any, path: str | Path, var_names: list[str], num_pp_samples: int = 50) -> Path:
+    """ArviZ's posterior predictive check of summary statistics, one panel per statistic.
+
+    For each of ``num_pp_samples`` posterior draws, the distribution over data points of the
+    statistic of the replicated images (thin lines) against that of the observed images (black).
+    """
+    fig, axes = plt.subplots(1, len(var_names), figsize=(5 * len(var_names), 4), dpi=120, squeeze=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _arviz().plot_ppc(idata, var_names=var_names, ax=axes[0], num_pp_samples=num_pp_samples, random_seed=0,
+                          textsize=10)
+    for ax, name in zip(axes[0], var_names, strict=True):
+        ax.set_xlabel(name.replace("_", " ") + " per image")
+        ax.set_ylabel("density over data points")
+        ax.legend(fontsize=8)  # ArviZ sizes its legends differently per panel
+    fig.suptitle("posterior predictive check\nreplicated x ~ p(x | z), z ~ q(z | x), against the observed x", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -7,7 +7,7 @@ read the observation site ``"x"``.
 
 from __future__ import annotations
 
-__all__ = ["decode_posterior_draws", "decode_prior_draws"]
+__all__ = ["decode_latents", "decode_posterior_draws", "decode_prior_draws"]
 
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +29,18 @@ def decode_posterior_draws(model: Callable[..., Any], guide: Callable[..., Any],
     guide_trace = poutine.trace(guide).get_trace(x)
     replayed = poutine.replay(model, guide_trace)
     return _observation(poutine.trace(replayed).get_trace(None, batch_size=x.shape[0]), mean)
+
+
+@torch.no_grad()
+def decode_latents(model: Callable[..., Any], latents: dict[str, Tensor], *, mean: bool = True) -> Tensor:
+    """Decode given latent values: the model run with every site of ``latents`` fixed, ``[n, x_dim]``.
+
+    ``latents`` maps latent site names to values ``[n, *shape]``, one row per data point to
+    generate; a latent the model has but ``latents`` lacks is drawn from its prior.
+    """
+    n = next(iter(latents.values())).shape[0]
+    conditioned = poutine.condition(model, data=latents)
+    return _observation(poutine.trace(conditioned).get_trace(None, batch_size=n), mean)
 
 
 def _observation(trace: poutine.Trace, mean: bool) -> Tensor:
