@@ -1,8 +1,9 @@
-"""The ``elbolab`` command: fit, evaluate and sample from latent-variable models.
+"""The ``elbolab`` command: fit, evaluate, diagnose and sample from latent-variable models.
 
     elbolab fit --data digits --binarize dynamic --objective elbo --epochs 50 --out runs/digits
     elbolab evaluate runs/digits --num-samples 5000
     elbolab sample runs/digits --n 64
+    elbolab diagnose runs/digits
 
 Options come from flags or a TOML file (``--config``) with ``[data]``, ``[model]`` and ``[fit]``
 tables, filling the same dataclasses; flags override the file. A user's mistake ends with one
@@ -29,6 +30,8 @@ import torch
 
 from elbolab import __version__
 from elbolab.analysis import (
+    K_HAT_BAD,
+    K_HAT_GOOD,
     compare_runs,
     plot_comparison_curves,
     plot_comparison_summary,
@@ -38,6 +41,7 @@ from elbolab.analysis import (
     summarize,
     to_markdown,
 )
+from elbolab.analysis.report import diagnose
 from elbolab.data import DATASETS, Dataset
 from elbolab.errors import InputError
 from elbolab.guides import FLOWS, GUIDE_FAMILIES
@@ -229,6 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
     evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
+    diagnose_parser = commands.add_parser(
+        "diagnose", help="find the data points a run's guide fails on; export InferenceData and figures",
+        description="Per-data-point importance diagnostics of a run's guide on a split of its data set: PSIS k-hat "
+        "(Yao et al. 2018: above 0.7, q(z|x) cannot be trusted for that point; below 0.5 it is reliable), "
+        "effective sample size, log p(x), ELBO and their gap. Writes into the run folder diagnostics.csv (one row "
+        "per point), inference_data.nc (ArviZ InferenceData of the first points: posterior draws of q, "
+        "posterior predictive replicas, log-likelihoods, importance weights), figures (khat.png, "
+        "gap_histogram.png, latent_scatter.png, kl_per_dimension.png and, for images, worst_best_khat.png, "
+        "interpolations.png, traversals.png, ppc_images.png, ppc_statistics.png), adds a summary to "
+        "metrics.json and prints it.",
+        epilog="example:\n  elbolab diagnose runs/digits-vae-elbo-seed0 --num-samples 1000\n\n"
+        "Read inference_data.nc with arviz.from_netcdf or elbolab.analysis.load_inference_data.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    diagnose_parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    diagnose_parser.add_argument("--split", choices=["test", "valid", "train"], default="test", help="default test")
+    diagnose_parser.add_argument("--num-samples", type=_positive_int, default=1000, metavar="K",
+                                 help="importance samples per data point for k-hat and log p(x) (default 1000)")
+    diagnose_parser.add_argument("--points", type=_positive_int, metavar="N",
+                                 help="diagnose only the first N points of the split (default all)")
+    diagnose_parser.add_argument("--draws", type=_positive_int, default=50, metavar="S",
+                                 help="posterior draws per point in inference_data.nc (default 50)")
+    diagnose_parser.add_argument("--inference-points", type=_positive_int, default=500, metavar="N",
+                                 help="first points exported to inference_data.nc (default 500; its size grows "
+                                 "as draws x points x data width)")
+    diagnose_parser.add_argument("--data-dir", metavar="DIR", help="where the data set's files are now, if moved")
+    diagnose_parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
+    diagnose_parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    diagnose_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
     sample_parser = commands.add_parser("sample", help="draw new data from a run's model",
                                         description="Draw z ~ p(z), decode, and write the means of p(x|z) as an image grid (or CSV).")
     sample_parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
@@ -242,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 a user's mistake)."""
     args = build_parser().parse_args(argv)
     try:
-        {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        commands = {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
+        commands[args.command](args)
     except InputError as error:
         print(f"elbolab {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -450,6 +485,43 @@ def _evaluate(args: argparse.Namespace) -> None:
             table["gap"] = table["log_likelihood"] - table["elbo"]
         print(f"{args.split} split, nats per data point" + (f", K = {args.num_samples}" if "log_likelihood" in table else ""))
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    run = load_run(args.run, device=device)
+    if run.guide is None:
+        raise InputError(f"{args.run} is an autoencoder: it has no posterior q(z|x) to diagnose")
+    data_config = run.config.data
+    if args.data_dir:
+        data_config.data_dir = args.data_dir
+    data = data_config.load(args.split).fixed_binarization(seed=0)
+    points = min(args.points or data.num_points, data.num_points)
+    x = data.x[:points].to(device)
+    labels = data.y[:points] if data.y is not None else None
+    pyro.set_rng_seed(args.seed)
+    config = run.config
+    result = diagnose(
+        run.model, run.guide, x, args.run, labels=labels, image_shape=config.image_shape,
+        binary=data.kind == "binary", num_samples=args.num_samples, draws=args.draws,
+        inference_points=args.inference_points, objective=config.fit.objective,
+        attrs={"run": str(args.run), "data": config.data.name, "split": args.split, "seed": args.seed},
+        progress=False if args.quiet else None,
+    )
+    metrics_path = args.run / METRICS_FILE
+    previous = read_json(metrics_path) if metrics_path.exists() else {}
+    write_json(metrics_path, previous | {f"{args.split}_diagnose": result.summary, "elbolab_version": __version__})
+    if args.quiet:
+        return
+    s = result.summary
+    print(f"{args.run}: {args.split} split, {s['points']} points, K = {s['num_samples']} importance samples")
+    print(f"  PSIS k-hat > {K_HAT_BAD} (q unreliable): {100 * s['khat_above_0.7']:.1f}% of points; "
+          f"{K_HAT_GOOD}-{K_HAT_BAD}: {100 * s['khat_0.5_to_0.7']:.1f}%  (worst rows: diagnostics.csv sorted by pareto_k)")
+    print(f"  log p(x) {s['log_likelihood']:.3f}, ELBO {s['elbo']:.3f}, gap mean {s['gap_mean']:.3f} "
+          f"(median {s['gap_median']:.3f}) nats per point; ESS/K {s['ess_fraction']:.3f}")
+    kl_text = f", KL {s['kl']:.2f} nats" if "kl" in s else ""
+    print(f"  active units {s['active_units']} of {s['latent_dims']}{kl_text}")
+    print(f"  wrote {', '.join(path.name for path in result.files)}")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -1,23 +1,42 @@
-"""Figures, comparisons and diagnostics of trained models."""
+"""Figures, comparisons, diagnostics and the latent space of trained models."""
 
-from elbolab.analysis.compare import (
-    Comparison,
-    active_units,
-    compare,
-    compare_runs,
-    summarize,
-    to_markdown,
+from elbolab.analysis.compare import Comparison, compare, compare_runs, summarize, to_markdown
+from elbolab.analysis.diagnostics import (
+    IMAGE_STATISTICS,
+    K_HAT_BAD,
+    K_HAT_GOOD,
+    importance_diagnostics,
+    load_inference_data,
+    plot_khat,
+    plot_ppc_statistics,
+    save_inference_data,
+    to_inference_data,
 )
-from elbolab.analysis.diagnostics import K_HAT_BAD, K_HAT_GOOD, importance_diagnostics
+from elbolab.analysis.latent import (
+    active_units,
+    interpolate,
+    kl_per_dimension,
+    latent_arithmetic,
+    latent_projection,
+    posterior_means,
+    slerp,
+    traverse,
+    unit_activity,
+)
 from elbolab.analysis.plots import (
     plot_comparison_curves,
     plot_comparison_summary,
+    plot_gap_histogram,
     plot_history,
     plot_image_grid,
+    plot_image_rows,
+    plot_kl_per_dimension,
+    plot_latent_scatter,
     plot_reconstructions,
 )
 
 __all__ = [
+    "IMAGE_STATISTICS",
     "K_HAT_BAD",
     "K_HAT_GOOD",
     "Comparison",
@@ -25,11 +44,28 @@ __all__ = [
     "compare",
     "compare_runs",
     "importance_diagnostics",
+    "interpolate",
+    "kl_per_dimension",
+    "latent_arithmetic",
+    "latent_projection",
+    "load_inference_data",
     "plot_comparison_curves",
     "plot_comparison_summary",
+    "plot_gap_histogram",
     "plot_history",
     "plot_image_grid",
+    "plot_image_rows",
+    "plot_khat",
+    "plot_kl_per_dimension",
+    "plot_latent_scatter",
+    "plot_ppc_statistics",
     "plot_reconstructions",
+    "posterior_means",
+    "save_inference_data",
+    "slerp",
     "summarize",
+    "to_inference_data",
     "to_markdown",
+    "traverse",
+    "unit_activity",
 ]

@@ -51,11 +51,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 import pyro
 import torch
+from matplotlib.lines import Line2D
 from pyro import poutine
 from torch import Tensor
 

@@ -1,11 +1,21 @@
-"""Figures of a run: learning curves, image grids, reconstructions next to their inputs.
+"""Figures of a run: learning curves, image grids, reconstructions, and the diagnostics of ``diagnose``.
 
 Written with matplotlib's non-interactive Agg backend, straight to PNG files.
 """
 
 from __future__ import annotations
 
-__all__ = ["plot_comparison_curves", "plot_comparison_summary", "plot_history", "plot_image_grid", "plot_reconstructions"]
+__all__ = [
+    "plot_comparison_curves",
+    "plot_comparison_summary",
+    "plot_gap_histogram",
+    "plot_history",
+    "plot_image_grid",
+    "plot_image_rows",
+    "plot_kl_per_dimension",
+    "plot_latent_scatter",
+    "plot_reconstructions",
+]
 
 import math
 from pathlib import Path
@@ -14,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from torch import Tensor
 
@@ -116,3 +127,114 @@ def plot_comparison_summary(summary: pd.DataFrame, path: str | Path, num_samples
     ax.set_ylabel("nats per test point (higher is better)")
     ax.set_title("test log-likelihood by objective (mean ± s.e. over seeds)")
     return _finish(fig, ax, path)
+
+
+def plot_image_rows(
+    rows: list[tuple[str, Tensor, list[str] | None]],
+    image_shape: tuple[int, int],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Labelled rows of images: each row ``(label, images [n, D], captions or None)``, one image per column."""
+    columns = max(images.shape[0] for _, images, _ in rows)
+    height, width = image_shape
+    cell = 0.85
+    fig, axes = plt.subplots(len(rows), columns, dpi=120, squeeze=False, layout="constrained",
+                             figsize=(1.2 + columns * cell * width / height, len(rows) * (cell + 0.12) + (0.5 if title else 0.2)))
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    for r, (label, images, captions) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < images.shape[0]:
+                ax.imshow(images[c].detach().cpu().reshape(image_shape).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+                if captions:
+                    ax.set_title(captions[c], fontsize=7, pad=2)
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_gap_histogram(table: pd.DataFrame, path: str | Path) -> Path:
+    """Histogram over data points of ``log p(x) - ELBO``: how far q is from each point's posterior."""
+    gap = table["gap"].to_numpy()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.hist(gap, bins=min(60, max(10, len(gap) // 20)), color="C0", alpha=0.8)
+    ax.axvline(gap.mean(), color="C3", label=f"mean {gap.mean():.2f} nats")
+    ax.axvline(np.median(gap), color="C1", linestyle="--", label=f"median {np.median(gap):.2f} nats")
+    ax.set_xlabel("log p(x) − ELBO per data point (nats; a lower bound on KL(q || p(z|x)))")
+    ax.set_ylabel("data points")
+    ax.set_title("the variational gap, point by point")
+    return _finish(fig, ax, path)
+
+
+def plot_latent_scatter(
+    coords: np.ndarray,
+    axis_labels: tuple[str, str],
+    path: str | Path,
+    *,
+    labels: np.ndarray | None = None,
+    pareto_k: np.ndarray | None = None,
+) -> Path:
+    """Posterior means in 2-D, one panel coloured by class label and/or one by PSIS k-hat."""
+    panels = [(name, values) for name, values in (("label", labels), ("k-hat", pareto_k)) if values is not None]
+    if not panels:
+        panels = [("", None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), dpi=120, squeeze=False)
+    size = 4 if len(coords) > 2000 else 10
+    for ax, (name, values) in zip(axes[0], panels, strict=True):
+        if name == "label":
+            for label in np.unique(values):
+                chosen = values == label
+                ax.scatter(coords[chosen, 0], coords[chosen, 1], s=size, alpha=0.6, label=str(label))
+            ax.legend(title="label", fontsize=7, markerscale=2, loc="best", ncols=2)
+            ax.set_title("posterior means by class label", fontsize=10)
+        elif name == "k-hat":
+            shown = np.where(np.isfinite(values), values, np.nan)
+            order = np.argsort(np.nan_to_num(shown, nan=-np.inf))  # worst points on top
+            points = ax.scatter(coords[order, 0], coords[order, 1], c=shown[order], s=size, cmap="viridis",
+                                vmin=0.0, vmax=max(1.0, float(np.nanmax(shown)) if np.isfinite(shown).any() else 1.0))
+            fig.colorbar(points, ax=ax, label="PSIS k-hat (> 0.7: q unreliable)")
+            ax.set_title("posterior means by PSIS k-hat", fontsize=10)
+        else:
+            ax.scatter(coords[:, 0], coords[:, 1], s=size, alpha=0.6)
+            ax.set_title("posterior means", fontsize=10)
+        ax.set_xlabel(axis_labels[0])
+        ax.set_ylabel(axis_labels[1])
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_kl_per_dimension(table: pd.DataFrame, path: str | Path, threshold: float = 0.01) -> Path:
+    """KL(q(z_d|x) || p(z_d)) per latent dimension, largest first; bars of inactive units in grey.
+
+    ``table`` has columns ``site``, ``dim``, ``kl`` and ``activity`` (see
+    :func:`~elbolab.analysis.unit_activity`); a unit is active when its activity exceeds ``threshold``.
+    """
+    ordered = table.sort_values("kl", ascending=False).reset_index(drop=True)
+    active = ordered["activity"] > threshold
+    several_sites = ordered["site"].nunique() > 1
+    names = [f"{s}[{d}]" if several_sites else str(d) for s, d in zip(ordered["site"], ordered["dim"], strict=True)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(ordered) + 2), 4), dpi=120)
+    ax.bar(range(len(ordered)), ordered["kl"], color=np.where(active, "C0", "0.7"))
+    ax.set_xticks(range(len(ordered)), names, rotation=90 if len(ordered) > 20 else 0, fontsize=7)
+    ax.set_xlabel("latent dimension" + ("" if several_sites else f" of {ordered['site'].iloc[0]!r}") + ", largest KL first")
+    ax.set_ylabel("KL(q(z_d | x) || p(z_d)), nats (mean over points)")
+    ax.set_title(f"KL per latent dimension: {int(active.sum())} of {len(ordered)} units active "
+                 f"(Cov_x E[z_d|x] > {threshold})", fontsize=10)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="C0", label="active"),
+                       plt.Rectangle((0, 0), 1, 1, color="0.7", label="inactive (collapsed)")], fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

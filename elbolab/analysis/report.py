@@ -1,0 +1,250 @@
+"""Every diagnostic of a trained model on one data split, written to a folder: what ``elbolab diagnose`` runs.
+
+One call computes the per-point importance diagnostics (PSIS k-hat, ESS, log p(x), ELBO, gap), an
+``InferenceData`` with posterior predictive replicas, unit activity and KL per latent dimension,
+and draws the figures a user looks at to see where the amortized guide fails:
+
+    diagnostics.csv          one row per data point (see importance_diagnostics), with its label
+    inference_data.nc        to_inference_data of the first points, netCDF
+    khat.png                 PSIS k-hat per point, 0.5 and 0.7 marked (ArviZ's plot_khat)
+    gap_histogram.png        log p(x) - ELBO over points
+    latent_scatter.png       posterior means in 2-D, by label and by k-hat
+    kl_per_dimension.png     KL per latent dimension, inactive units grey (diagonal-Gaussian guides)
+    worst_best_khat.png      the worst-k-hat points and their reconstructions, above the best  (images)
+    interpolations.png       linear and spherical paths between test points                    (images)
+    traversals.png           the most informative latent dimensions swept over +-3             (images)
+    ppc_images.png           observed images above images replicated from their posteriors     (images)
+    ppc_statistics.png       ArviZ's posterior predictive check of per-image statistics         (images)
+
+Files are written to a temporary folder first and moved into place at the end, so a failure leaves
+the folder as it was.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Diagnosis", "diagnose"]
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from torch import Tensor
+
+from elbolab.analysis.diagnostics import (
+    IMAGE_STATISTICS,
+    K_HAT_BAD,
+    K_HAT_GOOD,
+    importance_diagnostics,
+    plot_khat,
+    plot_ppc_statistics,
+    save_inference_data,
+    to_inference_data,
+)
+from elbolab.analysis.latent import (
+    interpolate,
+    kl_per_dimension,
+    latent_projection,
+    traverse,
+    unit_activity,
+)
+from elbolab.analysis.plots import (
+    plot_gap_histogram,
+    plot_image_rows,
+    plot_kl_per_dimension,
+    plot_latent_scatter,
+)
+from elbolab.errors import InputError
+from elbolab.models.draws import decode_posterior_draws
+
+ACTIVE_THRESHOLD = 0.01  # Burda et al.'s threshold on Cov_x(E_q[z_d | x])
+TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` found: the per-point table, a summary, the per-dimension table, the files."""
+
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    dimensions: pd.DataFrame
+    files: list[Path]
+
+
+def diagnose(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: Tensor,
+    folder: str | Path,
+    *,
+    labels: Tensor | None = None,
+    image_shape: tuple[int, int] | None = None,
+    binary: bool = False,
+    num_samples: int = 1000,
+    draws: int = 50,
+    inference_points: int = 500,
+    objective: str | None = None,
+    attrs: Mapping[str, str | int | float] | None = None,
+    progress: bool | None = None,
+) -> Diagnosis:
+    """Compute every diagnostic of ``model`` and ``guide`` on ``x`` and write it into ``folder``.
+
+    Arguments:
+        model, guide: a trained model following the contract and its guide.
+        x: data ``[N, D]`` on the model's device; ``labels``: optional class labels ``[N]``.
+        folder: where to write (created if missing; files of the same names are replaced).
+        image_shape: ``(height, width)`` of image rows; the image figures need it.
+        binary: the data are 0/1 (the predictive check then uses the on-pixel count alone,
+            which is the mean intensity times D).
+        num_samples: importance samples per point for the table (K).
+        draws: posterior draws per point in ``inference_data.nc``.
+        inference_points: how many of the first points ``inference_data.nc`` holds (it grows as
+            ``draws * points * D``).
+        objective, attrs: recorded in the InferenceData's attributes.
+        progress: progress bar of the importance sampling (``None``: only on a terminal).
+
+    Returns:
+        A :class:`Diagnosis`.
+    """
+    if inference_points < 1 or draws < 1:
+        raise InputError("inference_points and draws must be positive")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with pyro.validation_enabled(False):
+        table = importance_diagnostics(model, guide, x, num_samples=num_samples, progress=progress)
+        shown = x[:inference_points]
+        shown_labels = labels[:inference_points] if labels is not None else None
+        statistics = ({"on_pixels": IMAGE_STATISTICS["on_pixels"]} if binary else IMAGE_STATISTICS) if image_shape else None
+        idata = to_inference_data(model, guide, shown, num_samples=draws, labels=shown_labels,
+                                  statistics=statistics, objective=objective, attrs=attrs)
+        dimensions = unit_activity(guide, x)
+        try:
+            dimensions = dimensions.merge(kl_per_dimension(model, guide, x), on=["site", "dim"])
+        except InputError as error:
+            kl_note = str(error)
+        else:
+            kl_note = None
+        coords, axis_labels = latent_projection(guide, x)
+
+    if labels is not None:
+        table.insert(0, "label", labels.cpu().numpy())
+    table.index.name = "point"
+    summary = _summary(table, dimensions, num_samples, kl_note)
+
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".diagnose-") as tmp:
+        out = Path(tmp)
+        table.to_csv(out / "diagnostics.csv")
+        save_inference_data(idata, out / "inference_data.nc")
+        plot_khat(table["pareto_k"].to_numpy(), out / "khat.png",
+                  title=f"PSIS k-hat of q(z|x) per data point (K = {num_samples})")
+        plot_gap_histogram(table, out / "gap_histogram.png")
+        plot_latent_scatter(coords, axis_labels, out / "latent_scatter.png",
+                            labels=labels.cpu().numpy() if labels is not None else None,
+                            pareto_k=table["pareto_k"].to_numpy())
+        if "kl" in dimensions:
+            plot_kl_per_dimension(dimensions, out / "kl_per_dimension.png", threshold=ACTIVE_THRESHOLD)
+        if image_shape is not None:
+            with pyro.validation_enabled(False):
+                _image_figures(model, guide, x, table, dimensions, idata, image_shape, labels, out, binary)
+        files = []
+        for path in sorted(out.iterdir()):
+            os.replace(path, folder / path.name)
+            files.append(folder / path.name)
+    return Diagnosis(table, summary, dimensions, files)
+
+
+def _summary(table: pd.DataFrame, dimensions: pd.DataFrame, num_samples: int, kl_note: str | None) -> dict[str, Any]:
+    k_hat = table["pareto_k"]
+    summary: dict[str, Any] = {
+        "points": len(table),
+        "num_samples": num_samples,
+        "khat_above_0.7": float((k_hat > K_HAT_BAD).mean()),
+        "khat_0.5_to_0.7": float(((k_hat > K_HAT_GOOD) & (k_hat <= K_HAT_BAD)).mean()),
+        "log_likelihood": float(table["log_likelihood"].mean()),
+        "elbo": float(table["elbo"].mean()),
+        "gap_mean": float(table["gap"].mean()),
+        "gap_median": float(table["gap"].median()),
+        "ess_fraction": float(table["ess"].mean() / num_samples),
+        "active_units": int((dimensions["activity"] > ACTIVE_THRESHOLD).sum()),
+        "latent_dims": len(dimensions),
+    }
+    if "kl" in dimensions:
+        summary["kl"] = float(dimensions["kl"].sum())
+    else:
+        summary["kl_per_dimension"] = f"not computed: {kl_note}"
+    return summary
+
+
+def _image_figures(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: Tensor,
+    table: pd.DataFrame,
+    dimensions: pd.DataFrame,
+    idata: Any,
+    image_shape: tuple[int, int],
+    labels: Tensor | None,
+    out: Path,
+    binary: bool,
+) -> None:
+    k_hat = table["pareto_k"].to_numpy()
+    order = np.argsort(np.where(np.isfinite(k_hat), k_hat, -np.inf), kind="stable")
+    count = min(8, len(order) // 2) or 1
+    worst, best = order[::-1][:count].copy(), order[:count].copy()
+
+    def captions(points: np.ndarray) -> list[str]:
+        return [f"$\\hat{{k}}$ {k_hat[p]:.2f}" + (f", y={int(labels[p])}" if labels is not None else "") for p in points]
+
+    worst_x, best_x = x[torch.as_tensor(worst)], x[torch.as_tensor(best)]
+    plot_image_rows([
+        ("worst $\\hat{k}$:\ninput", worst_x, captions(worst)),
+        ("reconstruction", decode_posterior_draws(model, guide, worst_x), None),
+        ("best $\\hat{k}$:\ninput", best_x, captions(best)),
+        ("reconstruction", decode_posterior_draws(model, guide, best_x), None),
+    ], image_shape, out / "worst_best_khat.png",
+        title=f"the points q(z|x) handles worst (highest PSIS k-hat) and best; k-hat > {K_HAT_BAD}: unreliable")
+
+    pairs = _interpolation_pairs(labels, x.shape[0])
+    steps = 8
+    rows = []
+    for number, (a, b) in enumerate(pairs):
+        for method in ("linear", "spherical"):
+            path = interpolate(model, guide, x[a], x[b], steps, method=method)
+            header = ["x_a", *[f"t={t:.2f}" for t in np.linspace(0, 1, steps)], "x_b"] if not rows else None
+            rows.append((f"pair {number + 1}\n{method}", torch.cat([x[a : a + 1], path, x[b : b + 1]]), header))
+    plot_image_rows(rows, image_shape, out / "interpolations.png",
+                    title="interpolations between posterior means, decoded (inputs at the ends)")
+
+    ranking = "kl" if "kl" in dimensions else "activity"
+    top = dimensions.sort_values(ranking, ascending=False).head(8)
+    rows = []
+    for site, dim, score in zip(top["site"], top["dim"], top[ranking], strict=True):
+        images = traverse(model, guide, x[0], site=site, dims=[int(dim)], values=TRAVERSAL_VALUES)[0]
+        header = [f"{v:+.0f}" for v in TRAVERSAL_VALUES] if not rows else None
+        rows.append((f"{site}[{dim}]\n{ranking} {score:.2f}", images, header))
+    plot_image_rows(rows, image_shape, out / "traversals.png",
+                    title=f"traversals from point 0: one latent dimension set to each value (largest {ranking} first)")
+
+    observed = torch.as_tensor(idata.observed_data["x"].values[:8])
+    replicas = idata.posterior_predictive["x"].values[0, :3, :8]  # [draws, points, D]
+    rows = [("observed", observed, [f"point {p}" for p in range(observed.shape[0])])]
+    rows += [(f"replica {s + 1}", torch.as_tensor(replicas[s]), None) for s in range(replicas.shape[0])]
+    plot_image_rows(rows, image_shape, out / "ppc_images.png",
+                    title="posterior predictive: x ~ p(x | z), z ~ q(z | x_observed)")
+    plot_ppc_statistics(idata, out / "ppc_statistics.png", ["on_pixels"] if binary else ["mean_intensity", "on_pixels"])
+
+
+def _interpolation_pairs(labels: Tensor | None, num_points: int) -> list[tuple[int, int]]:
+    """Three pairs of points to interpolate between: of different classes when labels are known."""
+    if labels is None:
+        return [(2 * i, 2 * i + 1) for i in range(min(3, num_points // 2))]
+    labels = labels.cpu().numpy()
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
+    pairs = [(firsts[i], firsts[i + 1]) for i in range(0, len(firsts) - 1, 2)][:3]
+    return pairs or [(0, min(1, num_points - 1))]
