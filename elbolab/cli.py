@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose_parser.add_argument("--num-samples", type=_positive_int, default=1000, metavar="K",
                                  help="importance samples per data point for k-hat and log p(x) (default 1000)")
     diagnose_parser.add_argument("--points", type=_positive_int, metavar="N",
-                                 help="diagnose only the first N points of the split (default all)")
+                                 help="diagnose N points of the split drawn at random with --seed (default all); "
+                                 "diagnostics.csv's point column is their row in the split")
     diagnose_parser.add_argument("--draws", type=_positive_int, default=50, metavar="S",
                                  help="posterior draws per point in inference_data.nc (default 50)")
     diagnose_parser.add_argument("--inference-points", type=_positive_int, default=500, metavar="N",
@@ -496,9 +497,13 @@ def _diagnose(args: argparse.Namespace) -> None:
     if args.data_dir:
         data_config.data_dir = args.data_dir
     data = data_config.load(args.split).fixed_binarization(seed=0)
-    points = min(args.points or data.num_points, data.num_points)
-    x = data.x[:points].to(device)
-    labels = data.y[:points] if data.y is not None else None
+    rows = torch.arange(data.num_points)
+    if args.points and args.points < data.num_points:
+        # A random subset: data sets are often sorted by class, so the first N points would not do.
+        chosen = torch.randperm(data.num_points, generator=torch.Generator().manual_seed(args.seed))[: args.points]
+        rows = chosen.sort().values
+    x = data.x[rows].to(device)
+    labels = data.y[rows] if data.y is not None else None
     pyro.set_rng_seed(args.seed)
     config = run.config
     result = diagnose(
@@ -506,7 +511,7 @@ def _diagnose(args: argparse.Namespace) -> None:
         binary=data.kind == "binary", num_samples=args.num_samples, draws=args.draws,
         inference_points=args.inference_points, objective=config.fit.objective,
         attrs={"run": str(args.run), "data": config.data.name, "split": args.split, "seed": args.seed},
-        progress=False if args.quiet else None,
+        point_ids=rows.tolist(), progress=False if args.quiet else None,
     )
     metrics_path = args.run / METRICS_FILE
     previous = read_json(metrics_path) if metrics_path.exists() else {}

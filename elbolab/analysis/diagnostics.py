@@ -43,7 +43,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +168,13 @@ def to_inference_data(
     statistics: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
     objective: str | None = None,
     attrs: Mapping[str, str | int | float] | None = None,
+    obs: Sequence[int] | np.ndarray | None = None,
 ) -> Any:
     """Draws of the guide for every data point, as an ``arviz.InferenceData``.
 
     ``num_samples`` draws ``z_s ~ q(z | x_n)`` per point, one chain; every group shares the
-    coordinate ``obs`` = 0 .. N-1, the row of ``x`` (and of :func:`importance_diagnostics`'s table).
+    coordinate ``obs``: ``obs`` if given (e.g. the points' rows in a larger table), else 0 .. N-1,
+    the row of ``x`` (and of :func:`importance_diagnostics`'s table).
 
     Groups:
         ``posterior``: every latent site of the model, dims ``(chain, draw, obs, <site>_dim)``.
@@ -197,6 +199,7 @@ def to_inference_data(
             :data:`IMAGE_STATISTICS`, for posterior predictive checks (:func:`plot_ppc_statistics`).
         objective: the objective the model was trained with, recorded in the attrs.
         attrs: further attributes (strings or numbers) for every group.
+        obs: the ``obs`` coordinate, one integer per point (default 0 .. N-1).
 
     Example:
         >>> idata = to_inference_data(model, guide, test_x[:500], num_samples=100, statistics=IMAGE_STATISTICS)
@@ -211,6 +214,9 @@ def to_inference_data(
         raise InputError("no data points to export")
     if labels is not None and labels.shape[0] != num_points:
         raise InputError(f"labels hold {labels.shape[0]} entries for {num_points} data points")
+    obs = np.arange(num_points) if obs is None else np.asarray(obs, dtype=np.int64)
+    if obs.shape != (num_points,):
+        raise InputError(f"obs holds {obs.size} coordinates for {num_points} data points")
     statistics = dict(statistics or {})
     width = max(1, math.prod(x.shape[1:]))
     nesting = max_plate_nesting(model, guide, (x[:1], *(a[:1] for a in args)), {})
@@ -237,7 +243,7 @@ def to_inference_data(
     x_dims = ["obs", *_site_dims("x", tuple(x.shape[1:]))]
     dims = {name: ["obs", *_site_dims(name, shape)] for name, shape in event_shapes.items()}
     dims |= {"x": x_dims} | {name: ["obs"] for name in (*statistics, "log_weight", "label")}
-    coords = {"obs": np.arange(num_points)}
+    coords = {"obs": obs}
     model_name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
     guide_name = type(guide).__name__ if isinstance(guide, torch.nn.Module) else getattr(guide, "__name__", "guide")
     group_attrs = {

@@ -26,7 +26,7 @@ __all__ = ["Diagnosis", "diagnose"]
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ def diagnose(
     inference_points: int = 500,
     objective: str | None = None,
     attrs: Mapping[str, str | int | float] | None = None,
+    point_ids: Sequence[int] | None = None,
     progress: bool | None = None,
 ) -> Diagnosis:
     """Compute every diagnostic of ``model`` and ``guide`` on ``x`` and write it into ``folder``.
@@ -104,9 +105,11 @@ def diagnose(
             which is the mean intensity times D).
         num_samples: importance samples per point for the table (K).
         draws: posterior draws per point in ``inference_data.nc``.
-        inference_points: how many of the first points ``inference_data.nc`` holds (it grows as
-            ``draws * points * D``).
+        inference_points: how many points ``inference_data.nc`` holds, evenly spaced over ``x``
+            (data sets are often sorted by class); its size grows as ``draws * points * D``.
         objective, attrs: recorded in the InferenceData's attributes.
+        point_ids: what to call the points (the table's index ``point`` and the InferenceData's
+            ``obs``), e.g. their rows in the full split when ``x`` is a subset; default 0 .. N-1.
         progress: progress bar of the importance sampling (``None``: only on a terminal).
 
     Returns:
@@ -115,14 +118,19 @@ def diagnose(
     if inference_points < 1 or draws < 1:
         raise InputError("inference_points and draws must be positive")
     folder = Path(folder)
+    num_points = x.shape[0]
+    point_ids = np.arange(num_points) if point_ids is None else np.asarray(point_ids, dtype=np.int64)
+    if point_ids.shape != (num_points,):
+        raise InputError(f"point_ids holds {point_ids.size} entries for {num_points} data points")
     folder.mkdir(parents=True, exist_ok=True)
     with pyro.validation_enabled(False):
         table = importance_diagnostics(model, guide, x, num_samples=num_samples, progress=progress)
-        shown = x[:inference_points]
-        shown_labels = labels[:inference_points] if labels is not None else None
+        rows = spread(num_points, inference_points)
+        picked = torch.as_tensor(rows, device=x.device)
         statistics = ({"on_pixels": IMAGE_STATISTICS["on_pixels"]} if binary else IMAGE_STATISTICS) if image_shape else None
-        idata = to_inference_data(model, guide, shown, num_samples=draws, labels=shown_labels,
-                                  statistics=statistics, objective=objective, attrs=attrs)
+        idata = to_inference_data(model, guide, x[picked], num_samples=draws,
+                                  labels=labels[picked.cpu()] if labels is not None else None, statistics=statistics,
+                                  objective=objective, attrs=attrs, obs=point_ids[rows])
         dimensions = unit_activity(guide, x)
         try:
             dimensions = dimensions.merge(kl_per_dimension(model, guide, x), on=["site", "dim"])
@@ -134,7 +142,7 @@ def diagnose(
 
     if labels is not None:
         table.insert(0, "label", labels.cpu().numpy())
-    table.index.name = "point"
+    table.index = pd.Index(point_ids, name="point")
     summary = _summary(table, dimensions, num_samples, kl_note)
 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".diagnose-") as tmp:
@@ -157,6 +165,13 @@ def diagnose(
             os.replace(path, folder / path.name)
             files.append(folder / path.name)
     return Diagnosis(table, summary, dimensions, files)
+
+
+def spread(count: int, chosen: int) -> np.ndarray:
+    """``chosen`` row numbers evenly spaced over ``0 .. count - 1`` (all of them when ``chosen >= count``)."""
+    if chosen >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, chosen).round().astype(np.int64))
 
 
 def _summary(table: pd.DataFrame, dimensions: pd.DataFrame, num_samples: int, kl_note: str | None) -> dict[str, Any]:
@@ -194,12 +209,14 @@ def _image_figures(
     binary: bool,
 ) -> None:
     k_hat = table["pareto_k"].to_numpy()
+    point_ids = table.index.to_numpy()
     order = np.argsort(np.where(np.isfinite(k_hat), k_hat, -np.inf), kind="stable")
     count = min(8, len(order) // 2) or 1
     worst, best = order[::-1][:count].copy(), order[:count].copy()
 
     def captions(points: np.ndarray) -> list[str]:
-        return [f"$\\hat{{k}}$ {k_hat[p]:.2f}" + (f", y={int(labels[p])}" if labels is not None else "") for p in points]
+        return [f"#{point_ids[p]} $\\hat{{k}}$ {k_hat[p]:.2f}" + (f" y={int(labels[p])}" if labels is not None else "")
+                for p in points]
 
     worst_x, best_x = x[torch.as_tensor(worst)], x[torch.as_tensor(best)]
     plot_image_rows([
@@ -229,11 +246,11 @@ def _image_figures(
         header = [f"{v:+.0f}" for v in TRAVERSAL_VALUES] if not rows else None
         rows.append((f"{site}[{dim}]\n{ranking} {score:.2f}", images, header))
     plot_image_rows(rows, image_shape, out / "traversals.png",
-                    title=f"traversals from point 0: one latent dimension set to each value (largest {ranking} first)")
+                    title=f"traversals from point {point_ids[0]}: one latent dimension set to each value (largest {ranking} first)")
 
     observed = torch.as_tensor(idata.observed_data["x"].values[:8])
     replicas = idata.posterior_predictive["x"].values[0, :3, :8]  # [draws, points, D]
-    rows = [("observed", observed, [f"point {p}" for p in range(observed.shape[0])])]
+    rows = [("observed", observed, [f"point {p}" for p in idata.observed_data["obs"].values[:8]])]
     rows += [(f"replica {s + 1}", torch.as_tensor(replicas[s]), None) for s in range(replicas.shape[0])]
     plot_image_rows(rows, image_shape, out / "ppc_images.png",
                     title="posterior predictive: x ~ p(x | z), z ~ q(z | x_observed)")
@@ -243,7 +260,8 @@ def _image_figures(
 def _interpolation_pairs(labels: Tensor | None, num_points: int) -> list[tuple[int, int]]:
     """Three pairs of points to interpolate between: of different classes when labels are known."""
     if labels is None:
-        return [(2 * i, 2 * i + 1) for i in range(min(3, num_points // 2))]
+        ends = spread(num_points, 6)
+        return [(int(ends[i]), int(ends[i + 1])) for i in range(0, len(ends) - 1, 2)]
     labels = labels.cpu().numpy()
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
     pairs = [(firsts[i], firsts[i + 1]) for i in range(0, len(firsts) - 1, 2)][:3]

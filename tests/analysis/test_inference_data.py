@@ -38,7 +38,7 @@ def exported():
 
 
 def test_groups_dims_and_attributes(exported):
-    model, x, idata = exported
+    _, x, idata = exported
     assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood", "sample_stats",
                                    "observed_data", "constant_data", "prior", "prior_predictive"}
     assert idata.posterior["z"].dims == ("chain", "draw", "obs", "z_dim")
