@@ -1,7 +1,9 @@
 """The elbolab command end to end, and its refusals: one line, exit status 2, nothing written."""
 
 import json
+import shutil
 import subprocess
+import warnings
 import sys
 
 import pandas as pd
@@ -78,6 +80,8 @@ def test_toml_config_fills_the_same_fields_and_flags_override(tmp_path):
         (["fit", "--binarize", "dynamic", "--guide", "mixture", "--components", "0"], "--components"),
         (["fit", "--binarize", "dynamic", "--guide", "mixture", "--objective", "elbo-analytic"], "no closed-form KL"),
         (["evaluate", "/nonexistent-run"], "no such run folder"),
+        (["diagnose", "/nonexistent-run"], "no such run folder"),
+        (["diagnose", "runs/x", "--draws", "0"], "--draws"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, argv, message):
@@ -111,7 +115,7 @@ def test_existing_run_is_not_overwritten_without_flag(fitted_run):
 
 
 def test_help_explains_every_command():
-    for command in ("fit", "compare", "evaluate", "sample"):
+    for command in ("fit", "compare", "evaluate", "diagnose", "sample"):
         result = subprocess.run([sys.executable, "-m", "elbolab", command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: elbolab " + command in result.stdout
 
@@ -147,3 +151,49 @@ def test_compare_refuses_bad_specs(tmp_path, argv, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+DIAGNOSE_FILES = {
+    "diagnostics.csv", "inference_data.nc", "khat.png", "gap_histogram.png", "latent_scatter.png",
+    "kl_per_dimension.png", "worst_best_khat.png", "interpolations.png", "traversals.png", "ppc_images.png",
+    "ppc_statistics.png",
+}
+
+
+def test_diagnose_writes_the_table_inference_data_and_figures(fitted_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    before = {p.name for p in run.iterdir()}
+    argv = ["diagnose", str(run), "--num-samples", "200", "--points", "120", "--draws", "10", "--inference-points", "30"]
+    assert main(argv) == 0
+    assert {p.name for p in run.iterdir()} == before | DIAGNOSE_FILES | {"metrics.json"}
+    table = pd.read_csv(run / "diagnostics.csv", index_col="point")
+    assert list(table.columns) == ["label", "log_likelihood", "elbo", "gap", "ess", "pareto_k"] and len(table) == 120
+    assert table.index.is_monotonic_increasing and table.index.max() < 360  # rows of the 360-point test split
+    assert (table.gap >= -1e-6).all() and (table.ess <= 200 + 1e-6).all()
+    from elbolab.analysis import load_inference_data
+
+    idata = load_inference_data(run / "inference_data.nc")
+    assert idata.posterior["z"].shape == (1, 10, 30, 2)
+    assert set(idata.posterior["obs"].values) <= set(table.index)
+    assert idata.posterior.attrs["objective"] == "elbo" and idata.posterior.attrs["run"] == str(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz
+
+        arviz.plot_khat(table.pareto_k.to_numpy())  # what elbolab writes is what ArviZ reads
+    summary = json.loads((run / "metrics.json").read_text())["test_diagnose"]
+    assert summary["points"] == 120 and summary["latent_dims"] == 2
+    assert summary["khat_above_0.7"] == pytest.approx((table.pareto_k > 0.7).mean())
+    out = capsys.readouterr().out
+    assert "PSIS k-hat > 0.7" in out and "active units" in out
+
+
+def test_diagnose_refuses_an_autoencoder_and_leaves_it_untouched(tmp_path):
+    out = tmp_path / "ae"
+    assert main(["fit", *TINY, "--model", "autoencoder", "--objective", "reconstruction", "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    result = subprocess.run([sys.executable, "-m", "elbolab", "diagnose", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2 and "no posterior q(z|x) to diagnose" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -387,6 +387,8 @@ def plot_ppc_statistics(idata: Any, path: str | Path, var_names: list[str], num_
     For each of ``num_pp_samples`` posterior draws, the distribution over data points of the
     statistic of the replicated images (thin lines) against that of the observed images (black).
     """
+    predictive = idata.posterior_predictive
+    num_pp_samples = min(num_pp_samples, predictive.sizes["chain"] * predictive.sizes["draw"])
     fig, axes = plt.subplots(1, len(var_names), figsize=(5 * len(var_names), 4), dpi=120, squeeze=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
