@@ -36,7 +36,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/iwae_step_cost.py
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check elbolab tests benchmarks
+	$(BIN)/ruff check elbolab tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
