@@ -3,8 +3,8 @@
 import json
 import shutil
 import subprocess
-import warnings
 import sys
+import warnings
 
 import pandas as pd
 import pytest
