@@ -526,6 +526,8 @@ def _diagnose(args: argparse.Namespace) -> None:
           f"(median {s['gap_median']:.3f}) nats per point; ESS/K {s['ess_fraction']:.3f}")
     kl_text = f", KL {s['kl']:.2f} nats" if "kl" in s else ""
     print(f"  active units {s['active_units']} of {s['latent_dims']}{kl_text}")
+    if "kl_per_dimension" in s:
+        print(f"  KL per dimension {s['kl_per_dimension']}")
     print(f"  wrote {', '.join(path.name for path in result.files)}")
 
 
