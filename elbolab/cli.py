@@ -33,6 +33,7 @@ from elbolab.analysis import (
     K_HAT_BAD,
     K_HAT_GOOD,
     compare_runs,
+    diagnose,
     plot_comparison_curves,
     plot_comparison_summary,
     plot_history,
@@ -41,7 +42,6 @@ from elbolab.analysis import (
     summarize,
     to_markdown,
 )
-from elbolab.analysis.report import diagnose
 from elbolab.data import DATASETS, Dataset
 from elbolab.errors import InputError
 from elbolab.guides import FLOWS, GUIDE_FAMILIES
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-data-point importance diagnostics of a run's guide on a split of its data set: PSIS k-hat "
         "(Yao et al. 2018: above 0.7, q(z|x) cannot be trusted for that point; below 0.5 it is reliable), "
         "effective sample size, log p(x), ELBO and their gap. Writes into the run folder diagnostics.csv (one row "
-        "per point), inference_data.nc (ArviZ InferenceData of the first points: posterior draws of q, "
+        "per point), inference_data.nc (ArviZ InferenceData of points spread over the split: posterior draws of q, "
         "posterior predictive replicas, log-likelihoods, importance weights), figures (khat.png, "
         "gap_histogram.png, latent_scatter.png, kl_per_dimension.png and, for images, worst_best_khat.png, "
         "interpolations.png, traversals.png, ppc_images.png, ppc_statistics.png), adds a summary to "
@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose_parser.add_argument("--draws", type=_positive_int, default=50, metavar="S",
                                  help="posterior draws per point in inference_data.nc (default 50)")
     diagnose_parser.add_argument("--inference-points", type=_positive_int, default=500, metavar="N",
-                                 help="first points exported to inference_data.nc (default 500; its size grows "
-                                 "as draws x points x data width)")
+                                 help="points exported to inference_data.nc, evenly spaced over those diagnosed "
+                                 "(default 500; its size grows as draws x points x data width)")
     diagnose_parser.add_argument("--data-dir", metavar="DIR", help="where the data set's files are now, if moved")
     diagnose_parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     diagnose_parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
@@ -447,15 +447,19 @@ def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, shown:
                         title="samples from p(z)p(x|z): means of p(x|z)")
 
 
+def _evaluation_data(config: RunConfig, args: argparse.Namespace) -> Dataset:
+    """The ``--split`` of a run's data set (from ``--data-dir`` when given), one fixed binarization."""
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    return config.data.load(args.split).fixed_binarization(seed=0)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     rows = []
     for path in args.runs:
         run = load_run(path, device=device)
-        data_config = run.config.data
-        if args.data_dir:
-            data_config.data_dir = args.data_dir
-        data = data_config.load(args.split).fixed_binarization(seed=0)
+        data = _evaluation_data(run.config, args)
         x = data.x.to(device)
         pyro.set_rng_seed(args.seed)
         split = args.split
@@ -493,10 +497,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     run = load_run(args.run, device=device)
     if run.guide is None:
         raise InputError(f"{args.run} is an autoencoder: it has no posterior q(z|x) to diagnose")
-    data_config = run.config.data
-    if args.data_dir:
-        data_config.data_dir = args.data_dir
-    data = data_config.load(args.split).fixed_binarization(seed=0)
+    data = _evaluation_data(run.config, args)
     rows = torch.arange(data.num_points)
     if args.points and args.points < data.num_points:
         # A random subset: data sets are often sorted by class, so the first N points would not do.

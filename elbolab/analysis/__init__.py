@@ -34,15 +34,18 @@ from elbolab.analysis.plots import (
     plot_latent_scatter,
     plot_reconstructions,
 )
+from elbolab.analysis.report import Diagnosis, diagnose
 
 __all__ = [
     "IMAGE_STATISTICS",
     "K_HAT_BAD",
     "K_HAT_GOOD",
     "Comparison",
+    "Diagnosis",
     "active_units",
     "compare",
     "compare_runs",
+    "diagnose",
     "importance_diagnostics",
     "interpolate",
     "kl_per_dimension",

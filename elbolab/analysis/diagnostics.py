@@ -64,12 +64,11 @@ from elbolab.errors import InputError
 from elbolab.inference import log_importance_weights
 from elbolab.inference.evaluate import CHUNK_ELEMENTS
 from elbolab.inference.traces import (
-    DATA_PLATE,
     PARTICLE_PLATE,
+    local_latent_sites,
     log_weights_per_point,
     max_plate_nesting,
     run_traced,
-    sample_sites,
 )
 
 K_HAT_GOOD = 0.5  # below: importance sampling from q is reliable for this point
@@ -229,7 +228,7 @@ def to_inference_data(
             batch = (x[start : start + chunk], *(a[start : start + chunk] for a in args))
             n = batch[0].shape[0]
             model_trace, guide_trace = run_traced(model, guide, batch, {}, num_samples, nesting)
-            for name, site in _model_latents(model_trace):
+            for name, site in local_latent_sites(model_trace, "to_inference_data"):
                 event_shapes[name] = tuple(site["fn"].event_shape)
                 latents.setdefault(name, []).append(_numpy(site["value"], num_samples, n, event_shapes[name]))
             sample = model_trace.nodes["x"]["fn"].sample()
@@ -283,21 +282,6 @@ def to_inference_data(
     return arviz.InferenceData(**groups)
 
 
-def _model_latents(trace: poutine.Trace) -> list[tuple[str, dict]]:
-    """The model's latent sample sites, each inside the data plate (else an error)."""
-    sites = []
-    for name, site in sample_sites(trace):
-        if site["is_observed"]:
-            continue
-        if not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"]):
-            raise InputError(
-                f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r}); to_inference_data exports "
-                "per-data-point latents only"
-            )
-        sites.append((name, site))
-    return sites
-
-
 def _numpy(value: Tensor, draws: int, points: int, event_shape: tuple[int, ...]) -> np.ndarray:
     return value.reshape(draws, points, *event_shape).cpu().numpy()
 
@@ -312,7 +296,7 @@ def _prior_draws(
         n = min(chunk, x.shape[0] - start)
         with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)):
             model(None, batch_size=n)
-        for name, site in _model_latents(tracer.trace):
+        for name, site in local_latent_sites(tracer.trace, "to_inference_data"):
             latents.setdefault(name, []).append(_numpy(site["value"], draws, n, tuple(site["fn"].event_shape)))
         generated.append(_numpy(tracer.trace.nodes["x"]["value"], draws, n, tuple(x.shape[1:])))
     return (

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from elbolab.errors import InputError
-from elbolab.inference.traces import DATA_PLATE, run_traced, sample_sites
+from elbolab.inference.traces import DATA_PLATE, local_latent_sites, run_traced
 from elbolab.models.draws import decode_latents
 
 Guide = Callable[..., Any]
@@ -56,19 +56,7 @@ DRAWS_PLATE = "_latent_draws"
 
 def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
     """The guide's sites that are latents of the model, each inside the data plate (else an error)."""
-    sites = []
-    for name, site in sample_sites(trace):
-        if site["is_observed"] or site["infer"].get("is_auxiliary"):
-            continue
-        frames = [frame for frame in site["cond_indep_stack"] if frame.name != DRAWS_PLATE]
-        if not any(frame.name == DATA_PLATE for frame in frames):
-            raise InputError(
-                f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r}): the latent-space tools read "
-                "per-data-point latents only"
-            )
-        if len(frames) > 1:
-            raise InputError(f"latent site {name!r} sits in plates besides {DATA_PLATE!r}, which the latent-space tools do not read")
-        sites.append((name, site))
+    sites = local_latent_sites(trace, "the latent-space tools", vectorizing=(DRAWS_PLATE,))
     if not sites:
         raise InputError(f"the guide has no latent sample site inside pyro.plate({DATA_PLATE!r})")
     return sites

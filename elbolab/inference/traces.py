@@ -14,6 +14,7 @@ __all__ = [
     "data_plate_dim",
     "detached_guide_trace",
     "importance_terms",
+    "local_latent_sites",
     "log_weights_per_point",
     "max_plate_nesting",
     "per_point_weights_to_site",
@@ -142,6 +143,26 @@ def sample_sites(trace: Trace) -> list[tuple[str, dict]]:
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and not site_is_subsample(site)
     ]
+
+
+def local_latent_sites(trace: Trace, purpose: str, vectorizing: tuple[str, ...] = (PARTICLE_PLATE,)) -> list[tuple[str, dict]]:
+    """The latent sites of a trace, each one value per data point: inside ``pyro.plate("data")`` only.
+
+    Observed and auxiliary sites (an auto guide's joint variable) are skipped; ``vectorizing``
+    names plates added around the program to draw several samples at once. A latent outside the
+    data plate, or in a further plate, is an :class:`InputError` naming it and ``purpose``.
+    """
+    sites = []
+    for name, site in sample_sites(trace):
+        if site["is_observed"] or site["infer"].get("is_auxiliary"):
+            continue
+        frames = [frame.name for frame in site["cond_indep_stack"] if frame.name not in vectorizing]
+        if DATA_PLATE not in frames:
+            raise InputError(f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r}); {purpose} reads per-data-point latents only")
+        if len(frames) > 1:
+            raise InputError(f"latent site {name!r} sits in plates besides {DATA_PLATE!r}, which {purpose} does not read")
+        sites.append((name, site))
+    return sites
 
 
 def site_log_prob(site: dict) -> Tensor:
