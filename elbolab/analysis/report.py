@@ -5,7 +5,7 @@ One call computes the per-point importance diagnostics (PSIS k-hat, ESS, log p(x
 and draws the figures a user looks at to see where the amortized guide fails:
 
     diagnostics.csv          one row per data point (see importance_diagnostics), with its label
-    inference_data.nc        to_inference_data of the first points, netCDF
+    inference_data.nc        to_inference_data of points spread over the data, netCDF
     khat.png                 PSIS k-hat per point, 0.5 and 0.7 marked (ArviZ's plot_khat)
     gap_histogram.png        log p(x) - ELBO over points
     latent_scatter.png       posterior means in 2-D, by label and by k-hat
@@ -122,12 +122,16 @@ def diagnose(
     point_ids = np.arange(num_points) if point_ids is None else np.asarray(point_ids, dtype=np.int64)
     if point_ids.shape != (num_points,):
         raise InputError(f"point_ids holds {point_ids.size} entries for {num_points} data points")
+    if labels is not None and labels.shape != (num_points,):
+        raise InputError(f"labels must be one per data point, [{num_points}], got shape {tuple(labels.shape)}")
     folder.mkdir(parents=True, exist_ok=True)
     with pyro.validation_enabled(False):
         table = importance_diagnostics(model, guide, x, num_samples=num_samples, progress=progress)
-        rows = spread(num_points, inference_points)
+        rows = _spread(num_points, inference_points)
         picked = torch.as_tensor(rows, device=x.device)
-        statistics = ({"on_pixels": IMAGE_STATISTICS["on_pixels"]} if binary else IMAGE_STATISTICS) if image_shape else None
+        statistics = None
+        if image_shape is not None:  # for 0/1 images the mean intensity is the on-pixel count over D
+            statistics = {"on_pixels": IMAGE_STATISTICS["on_pixels"]} if binary else IMAGE_STATISTICS
         idata = to_inference_data(model, guide, x[picked], num_samples=draws,
                                   labels=labels[picked.cpu()] if labels is not None else None, statistics=statistics,
                                   objective=objective, attrs=attrs, obs=point_ids[rows])
@@ -167,7 +171,7 @@ def diagnose(
     return Diagnosis(table, summary, dimensions, files)
 
 
-def spread(count: int, chosen: int) -> np.ndarray:
+def _spread(count: int, chosen: int) -> np.ndarray:
     """``chosen`` row numbers evenly spaced over ``0 .. count - 1`` (all of them when ``chosen >= count``)."""
     if chosen >= count:
         return np.arange(count)
@@ -260,7 +264,7 @@ def _image_figures(
 def _interpolation_pairs(labels: Tensor | None, num_points: int) -> list[tuple[int, int]]:
     """Three pairs of points to interpolate between: of different classes when labels are known."""
     if labels is None:
-        ends = spread(num_points, 6)
+        ends = _spread(num_points, 6)
         return [(int(ends[i]), int(ends[i + 1])) for i in range(0, len(ends) - 1, 2)]
     labels = labels.cpu().numpy()
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
