@@ -44,7 +44,7 @@ from elbolab.analysis import (
 )
 from elbolab.data import DATASETS, Dataset
 from elbolab.errors import InputError
-from elbolab.guides import FLOWS, GUIDE_FAMILIES
+from elbolab.guides import FLOWS, GUIDE_FAMILIES, NearestCodeGuide
 from elbolab.inference import (
     FitConfig,
     RunConfig,
@@ -58,11 +58,14 @@ from elbolab.inference.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
     build_run_guide,
+    build_run_model,
     read_json,
     write_json,
 )
 from elbolab.inference.objectives import OBJECTIVES, Reconstruction, parse_objective_spec
-from elbolab.models import LIKELIHOODS, VAE, build_model
+from elbolab.models import LIKELIHOODS, ConditionalVAE, as_condition
+from elbolab.models.vae import MODEL_NAMES
+from elbolab.models.vqvae import code_usage
 from elbolab.nn import ACTIVATIONS
 
 
@@ -138,16 +141,29 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                    "help": "none, threshold (x>0.5) or dynamic (x~Bernoulli(x) per batch); default none"}),
     "--train-split": ("data", "train_split", {"choices": ["train", "train+valid"],
                       "help": "train (and report the validation ELBO each epoch) or train+valid"}),
-    "--model": ("model", "name", {"choices": ["vae", "autoencoder"], "help": "model family (default vae)"}),
-    "--z-dim": ("model", "z_dim", {"type": _positive_int, "help": "latent width (default 20)"}),
+    "--model": ("model", "name", {"choices": list(MODEL_NAMES),
+                "help": "vae (default), cvae (conditional on the data set's labels), hvae (hierarchical: "
+                "several stochastic layers), vqvae (vector-quantized), autoencoder"}),
+    "--z-dim": ("model", "z_dim", {"type": _positive_int, "help": "latent width; vqvae: width of a code vector (default 20)"}),
+    "--z-dims": ("model", "z_dims", {"type": _widths, "metavar": "W,W[,W...]",
+                 "help": "hvae: widths of the stochastic layers, the one next to the data first (default 50,20)"}),
+    "--hidden-upper": ("model", "hidden_upper", {"type": _widths, "metavar": "W[,W...]",
+                       "help": "hvae: hidden widths between stochastic layers (default: --hidden)"}),
+    "--codebook-size": ("model", "codebook_size", {"type": _int_at_least(2), "metavar": "K",
+                        "help": "vqvae: number of codebook vectors (default 64)"}),
+    "--num-codes": ("model", "num_codes", {"type": _positive_int, "metavar": "M",
+                    "help": "vqvae: code vectors per data point (default 8)"}),
+    "--commitment": ("model", "commitment", {"type": _float, "metavar": "BETA",
+                     "help": "vqvae: weight of the commitment loss (default 0.25)"}),
     "--hidden": ("model", "hidden", {"type": _widths, "metavar": "W[,W...]",
                  "help": "hidden widths of the encoder, reversed in the decoder (default 400)"}),
     "--likelihood": ("model", "likelihood", {"choices": list(LIKELIHOODS), "help": "p(x|z) (default bernoulli)"}),
     "--activation": ("model", "activation", {"choices": list(ACTIVATIONS), "help": "default relu"}),
     "--obs-scale": ("model", "obs_scale", {"type": _obs_scale, "metavar": "S|learned",
                     "help": "gaussian likelihood: fixed scale, or learned per pixel (default)"}),
-    "--guide": ("guide", "family", {"choices": list(GUIDE_FAMILIES),
-                "help": "q(z|x): diagonal gaussian (default), mixture of gaussians, or normalizing flow"}),
+    "--guide": ("guide", "family", {"choices": [family for family in GUIDE_FAMILIES if family != "none"],
+                "help": "q(z|x): vae and cvae: diagonal gaussian (default), mixture of gaussians, or normalizing "
+                "flow; hvae: ladder (default, top-down) or bottom-up; vqvae: nearest-code (its only one)"}),
     "--components": ("guide", "components", {"type": _positive_int, "help": "mixture guide: components (default 5)"}),
     "--flow": ("guide", "flow", {"choices": list(FLOWS), "help": "flow guide: layer type (default iaf)"}),
     "--flow-depth": ("guide", "flow_depth", {"type": _positive_int, "help": "flow guide: layers (default 4)"}),
@@ -264,11 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose_parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     diagnose_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
-    sample_parser = commands.add_parser("sample", help="draw new data from a run's model",
-                                        description="Draw z ~ p(z), decode, and write the means of p(x|z) as an image grid (or CSV).")
+    sample_parser = commands.add_parser(
+        "sample", help="draw new data from a run's model",
+        description="Draw z ~ p(z), decode, and write the means of p(x|z) as an image grid (or CSV). A cvae run "
+        "draws digits of the class given by --label, or a grid with one row per class; a vqvae run decodes "
+        "uniformly drawn codes; an hvae run draws every stochastic layer from the top down.",
+    )
     sample_parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
     sample_parser.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample_parser.add_argument("--seed", type=int, default=0, help="default 0")
+    sample_parser.add_argument("--label", type=_non_negative_int, metavar="C",
+                               help="cvae runs: draw samples of class C (default: n/classes samples of each class)")
     sample_parser.add_argument("--out", type=Path, metavar="FILE", help="output file (default RUN/samples.png, or .csv for non-image data)")
     return parser
 
@@ -334,15 +356,28 @@ def _training_data(config: RunConfig) -> tuple[Dataset, Dataset | None]:
     valid = config.data.load("valid") if config.data.train_split == "train" else None
     check_likelihood(config.model.likelihood, train)
     config.x_dim, config.image_shape = train.x_dim, train.image_shape
+    if config.model.name == "cvae":
+        if train.y is None:
+            raise InputError(f"the cvae model is conditioned on class labels, and {train.name} has none")
+        config.y_dim = int(train.y.max()) + 1
     return train, valid
 
 
+def _conditions(config: RunConfig, data: Dataset | None) -> tuple[torch.Tensor, ...]:
+    """The per-point arguments the run's model takes after x: one-hot labels for a cvae, else none."""
+    if data is None or config.model.name != "cvae":
+        return ()
+    if data.y is None:
+        raise InputError(f"the cvae model is conditioned on class labels, and {data.name} has none")
+    return (as_condition(data.y, config.y_dim),)
+
+
 def _new_model_and_guide(config: RunConfig, train: Dataset) -> tuple[Any, Any]:
-    """A freshly initialised model and guide (seed the RNG first); the VAE starts at the data mean."""
-    model = build_model(config.model, train.x_dim)
-    if isinstance(model, VAE):
+    """A freshly initialised model and guide (seed the RNG first); decoders start at the data mean."""
+    model = build_run_model(config, train.x_dim)
+    if hasattr(model, "init_output_bias"):
         model.init_output_bias(train.x)
-    return model, build_run_guide(config, train.x_dim)
+    return model, build_run_guide(config, model)
 
 
 def _publish(out: Path, write: Any) -> None:
@@ -365,11 +400,16 @@ def _fit(args: argparse.Namespace) -> None:
     config = _run_config(args)
     fc: FitConfig = config.fit
     name, options = parse_objective_spec(fc.objective)
-    family = "" if config.guide.family == "gaussian" or config.model.name == "autoencoder" else f"-{config.guide.family}"
+    family = "" if config.guide.family in ("gaussian", "none", "nearest-code") else f"-{config.guide.family}"
     out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}{family}-{name}-seed{fc.seed}"
     _refuse_existing(out, args.overwrite)
     if config.model.name == "autoencoder" and name != "reconstruction":
         raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
+    if config.model.name == "vqvae" and name != "elbo":
+        raise InputError(
+            "the vqvae's posterior is one-hot (deterministic): every objective reduces to its ELBO, so it trains "
+            "with --objective elbo"
+        )
     if name != "reconstruction":
         options.setdefault("num_particles", fc.particles)
     device = resolve_device(fc.device)
@@ -380,7 +420,8 @@ def _fit(args: argparse.Namespace) -> None:
     result = fit(
         model, guide, train, objective=name, epochs=fc.epochs, batch_size=fc.batch_size, lr=fc.lr,
         beta=fc.beta, warmup_epochs=fc.warmup, valid=valid, device=device, seed=fc.seed,
-        progress=False if args.quiet else None, **options,
+        progress=False if args.quiet else None, args=_conditions(config, train),
+        valid_args=_conditions(config, valid), **options,
     )
     seconds = time.perf_counter() - start
 
@@ -398,8 +439,10 @@ def _fit(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     config = _run_config(args)
     fc: FitConfig = config.fit
-    if config.model.name == "autoencoder":
-        raise InputError("the autoencoder has no ELBO to compare objectives on; use --model vae")
+    if config.model.name in ("autoencoder", "vqvae"):
+        raise InputError(
+            f"the {config.model.name} has no objectives to compare (no ELBO, or a one-hot posterior); use another --model"
+        )
     specs = [spec for spec in args.objectives.split(",") if spec.strip()]
     seeds = args.seeds
     for spec in specs:
@@ -409,10 +452,11 @@ def _compare(args: argparse.Namespace) -> None:
     train, valid = _training_data(config)
     test = config.data.load("test")
     comparison = compare_runs(
-        lambda: _new_model_and_guide(config, train)[0], lambda: build_run_guide(config, train.x_dim),
+        lambda: _new_model_and_guide(config, train)[0], lambda model: build_run_guide(config, model),
         train, objectives=specs, seeds=seeds, test=test, valid=valid, epochs=fc.epochs,
         batch_size=fc.batch_size, lr=fc.lr, num_samples=args.num_samples, device=fc.device,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet else None, args=_conditions(config, train),
+        valid_args=_conditions(config, valid), test_args=_conditions(config, test),
     )
     summary = summarize(comparison.table)
     markdown = to_markdown(summary, args.num_samples)
@@ -440,11 +484,34 @@ def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, shown:
     model.cpu()
     if guide is not None:
         guide.cpu()
-    inputs = shown.fixed_binarization(config.fit.seed).x[:16]
-    plot_reconstructions(inputs, model.reconstruct(inputs, guide), config.image_shape, folder / "reconstructions.png")
+    shown = shown.fixed_binarization(config.fit.seed)
+    inputs = shown.x[:16]
+    conditions = tuple(c[:16] for c in _conditions(config, shown))
+    if isinstance(model, ConditionalVAE):
+        reconstructions = model.reconstruct(inputs, *conditions, guide)
+    else:
+        reconstructions = model.reconstruct(inputs, guide)
+    plot_reconstructions(inputs, reconstructions, config.image_shape, folder / "reconstructions.png")
     if config.model.name != "autoencoder":
-        plot_image_grid(model.generate(64), config.image_shape, folder / "samples.png",
-                        title="samples from p(z)p(x|z): means of p(x|z)")
+        samples, title, columns = _samples(model, config, 64, label=None)
+        plot_image_grid(samples, config.image_shape, folder / "samples.png", title=title, columns=columns)
+
+
+def _samples(model: Any, config: RunConfig, n: int, label: int | None) -> tuple[torch.Tensor, str, int]:
+    """``n`` decoded prior draws, a title and a grid width; a cvae's are of class ``label``, or one row per class."""
+    with pyro.validation_enabled(False):
+        if not isinstance(model, ConditionalVAE):
+            if label is not None:
+                raise InputError(f"--label is for a cvae run; this run's model is a {config.model.name}")
+            return model.generate(n), f"{n} samples from p(z)p(x|z): means of p(x|z)", 8
+        if label is not None:
+            if not 0 <= label < config.y_dim:
+                raise InputError(f"--label {label} is not a class of this run: its labels are 0 to {config.y_dim - 1}")
+            return model.generate(n, y=label), f"{n} samples of class {label}: means of p(x|z,y), z ~ p(z)", 8
+        per_class = max(1, n // config.y_dim)
+        labels = torch.arange(config.y_dim).repeat_interleave(per_class)
+        title = f"{per_class} samples per class, one class per row (0 at the top): means of p(x|z,y)"
+        return model.generate(len(labels), y=labels), title, per_class
 
 
 def _evaluation_data(config: RunConfig, args: argparse.Namespace) -> Dataset:
@@ -461,15 +528,18 @@ def _evaluate(args: argparse.Namespace) -> None:
         run = load_run(path, device=device)
         data = _evaluation_data(run.config, args)
         x = data.x.to(device)
+        conditions = tuple(c.to(device) for c in _conditions(run.config, data))
         pyro.set_rng_seed(args.seed)
         split = args.split
         metrics: dict[str, Any] = {"elbolab_version": __version__, "split": split, "num_points": data.num_points}
-        if run.guide is None:
+        if isinstance(run.guide, NearestCodeGuide):
+            metrics |= _code_metrics(run.model, run.guide, x, split, progress=not args.quiet)
+        elif run.guide is None:
             with torch.no_grad(), pyro.validation_enabled(False):
                 loss = sum(Reconstruction().differentiable_loss(run.model, None, chunk).item() for chunk in x.split(1000))
             metrics[f"{split}_reconstruction_loss"] = loss / data.num_points
         else:
-            estimate = importance_estimate(run.model, run.guide, x, num_samples=args.num_samples,
+            estimate = importance_estimate(run.model, run.guide, x, *conditions, num_samples=args.num_samples,
                                            progress=False if args.quiet else None)
             metrics |= {
                 f"{split}_elbo": estimate.elbo.mean().item(),
@@ -492,11 +562,41 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+def _code_metrics(model: Any, guide: NearestCodeGuide, x: torch.Tensor, split: str, progress: bool) -> dict[str, Any]:
+    """A VQ-VAE's evaluation: its exact ELBO, reconstruction error and the information in its codes.
+
+    The posterior is one-hot, so one sample gives the ELBO exactly, and the importance-sampled
+    log p(x) is that same ELBO (log p(x) >= ELBO is all one can say). ``code_bits_per_code`` is the
+    entropy of the codes' empirical distribution over the split, in bits per code entry (at most
+    log2 K, reached when every code is used equally); ``rate_bits`` is the KL of the one-hot
+    posterior to the uniform prior, M log2 K bits per data point.
+    """
+    estimate = importance_estimate(model, guide, x, num_samples=1, progress=None if progress else False)
+    codes = torch.cat([guide.codes(chunk) for chunk in x.split(4096)])
+    usage = code_usage(torch.bincount(codes.reshape(-1), minlength=guide.codebook.size).float())
+    elbo = estimate.elbo.mean().item()
+    return {
+        f"{split}_elbo": elbo,
+        f"{split}_reconstruction_loss": -estimate.reconstruction.mean().item(),
+        f"{split}_bits_per_dim": -elbo / (x.shape[1] * math.log(2)),
+        f"{split}_code_bits_per_code": usage["code_bits"],
+        f"{split}_perplexity": usage["perplexity"],
+        f"{split}_codes_used": usage["codes_used"],
+        "rate_bits": guide.num_codes * math.log2(guide.codebook.size),
+    }
+
+
 def _diagnose(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     if run.guide is None:
         raise InputError(f"{args.run} is an autoencoder: it has no posterior q(z|x) to diagnose")
+    if run.config.model.name == "vqvae":
+        raise InputError(f"{args.run} is a vqvae: its posterior is one-hot, every importance weight is the same, and "
+                         "there is nothing for k-hat to diagnose; use elbolab evaluate")
+    if run.config.model.name == "cvae":
+        raise InputError(f"{args.run} is a cvae: diagnose reads guides of x alone, and a cvae's guide also takes the "
+                         "labels; use elbolab evaluate, or importance_diagnostics(model, guide, x, y) from Python")
     data = _evaluation_data(run.config, args)
     rows = torch.arange(data.num_points)
     if args.points and args.points < data.num_points:
@@ -537,12 +637,11 @@ def _sample(args: argparse.Namespace) -> None:
     if run.config.model.name == "autoencoder":
         raise InputError(f"{args.run} is an autoencoder: it has no prior over codes and cannot generate")
     pyro.set_rng_seed(args.seed)
-    with pyro.validation_enabled(False):
-        samples = run.model.generate(args.n)
+    samples, title, columns = _samples(run.model, run.config, args.n, args.label)
     image_shape = run.config.image_shape
     out = args.out or args.run / ("samples.png" if image_shape else "samples.csv")
     if out.suffix == ".png" and image_shape:
-        plot_image_grid(samples, image_shape, out, title=f"{args.n} samples, seed {args.seed}")
+        plot_image_grid(samples, image_shape, out, title=f"{title}; seed {args.seed}", columns=columns)
     elif out.suffix == ".csv":
         pd.DataFrame(samples.numpy()).to_csv(out, index=False)
     else:

@@ -41,7 +41,7 @@ def compare(*args: Any, **kwargs: Any) -> pd.DataFrame:
 
 def compare_runs(
     model_factory: Callable[[], Any],
-    guide_factory: Callable[[], Any],
+    guide_factory: Callable[[Any], Any],
     data: Dataset | Tensor,
     *,
     objectives: Sequence[str],
@@ -54,11 +54,16 @@ def compare_runs(
     num_samples: int = 5000,
     device: str = "auto",
     progress: bool | None = None,
+    args: Sequence[Tensor] = (),
+    valid_args: Sequence[Tensor] = (),
+    test_args: Sequence[Tensor] = (),
 ) -> Comparison:
     """Train one model/guide pair under several objectives and seeds; evaluate each on ``test``.
 
     Arguments:
-        model_factory, guide_factory: build a fresh model and guide (called after seeding).
+        model_factory: builds a fresh model (called after seeding).
+        guide_factory: builds a fresh guide for the model it is given (a ladder or VQ guide
+            shares networks with its model).
         data: training data.
         objectives: spec strings, e.g. ``["elbo", "iwae:k=5", "renyi:alpha=0.5:k=5"]``.
         seeds: one run per objective and seed; a seed fixes initialisation, data order and samples.
@@ -66,6 +71,8 @@ def compare_runs(
         epochs, batch_size, lr, device: as in :func:`~elbolab.inference.fit`.
         num_samples: importance samples for the test log-likelihood.
         progress: a progress bar over runs (``None``: only on a terminal).
+        args, valid_args, test_args: further per-data-point tensors for ``data``, ``valid`` and
+            ``test`` (e.g. one-hot labels of a conditional VAE), as in :func:`~elbolab.inference.fit`.
 
     Returns:
         A :class:`Comparison`. Its ``table`` has one row per objective and seed: ``objective`` (the spec), ``name``, ``options``, ``seed``,
@@ -74,7 +81,7 @@ def compare_runs(
         and ``seed`` columns.
 
     Example:
-        >>> table = compare(lambda: VAE(64, 8), lambda: GaussianGuide(64, 8), train,
+        >>> table = compare(lambda: VAE(64, 8), lambda model: GaussianGuide(64, 8), train,
         ...                 objectives=["elbo", "iwae:k=5"], seeds=[0, 1], test=test, epochs=50)
     """
     if not objectives:
@@ -87,25 +94,27 @@ def compare_runs(
     test_x = test.fixed_binarization(0).x if isinstance(test, Dataset) else test
     device = resolve_device(device)
     test_x = test_x.to(device)  # once, on the device fit trains on
+    test_args = tuple(a.to(device) for a in test_args)
     rows, histories = [], []
     runs = [(entry, seed) for entry in parsed for seed in seeds]
     bar = tqdm(runs, desc="compare", unit="run", disable=None if progress is None else not progress)
     for (spec, name, options), seed in bar:
         bar.set_postfix(objective=spec, seed=seed)
         pyro.set_rng_seed(seed)
-        model, guide = model_factory(), guide_factory()
+        model = model_factory()
+        guide = guide_factory(model)
         start = time.perf_counter()
         result = fit(model, guide, data, objective=name, epochs=epochs, batch_size=batch_size, lr=lr,
-                     valid=valid, device=device, seed=seed, progress=False, **options)
+                     valid=valid, device=device, seed=seed, progress=False, args=args, valid_args=valid_args, **options)
         seconds = time.perf_counter() - start
         pyro.set_rng_seed(seed)
-        estimate = importance_estimate(model, guide, test_x, num_samples=num_samples)
+        estimate = importance_estimate(model, guide, test_x, *test_args, num_samples=num_samples)
         elbo, log_lik = estimate.elbo.mean().item(), estimate.log_likelihood.mean().item()
         rows.append({
             "objective": spec, "name": name,
             "options": ";".join(f"{k}={v}" for k, v in options.items()), "seed": seed,
             "test_elbo": elbo, "test_log_likelihood": log_lik, "gap": log_lik - elbo,
-            "active_units": active_units(guide, test_x), "train_seconds": seconds,
+            "active_units": active_units(guide, test_x, *test_args), "train_seconds": seconds,
         })
         histories.append(result.history.assign(objective=spec, seed=seed))
     return Comparison(pd.DataFrame(rows), pd.concat(histories, ignore_index=True))

@@ -72,10 +72,13 @@ def _as_points(x: Tensor, name: str) -> Tensor:
 
 
 @torch.no_grad()
-def latent_draws(guide: Guide, x: Tensor, num_samples: int) -> dict[str, Tensor]:
-    """``num_samples`` draws of every latent site from ``q(z | x)``: ``{site: [S, N, *shape]}``."""
+def latent_draws(guide: Guide, x: Tensor, *args: Tensor, num_samples: int) -> dict[str, Tensor]:
+    """``num_samples`` draws of every latent site from ``q(z | x)``: ``{site: [S, N, *shape]}``.
+
+    ``args`` are the guide's further per-point arguments (a conditional guide's labels).
+    """
     with pyro.plate(DRAWS_PLATE, num_samples, dim=-2), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x)
+        trace = poutine.trace(guide).get_trace(x, *args)
     return {
         name: site["value"].reshape(num_samples, x.shape[0], *site["fn"].event_shape)
         for name, site in _latent_sites(trace)
@@ -83,14 +86,14 @@ def latent_draws(guide: Guide, x: Tensor, num_samples: int) -> dict[str, Tensor]
 
 
 @torch.no_grad()
-def posterior_means(guide: Guide, x: Tensor, *, num_samples: int = 256) -> dict[str, Tensor]:
+def posterior_means(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 256) -> dict[str, Tensor]:
     """``E_q[z | x]`` of every latent site, ``{site: [N, *shape]}``.
 
     Exact where the guide's distribution has a mean (a Delta site of an auto guide is one draw,
     so it does not count); otherwise the average of ``num_samples`` draws.
     """
     with pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x)
+        trace = poutine.trace(guide).get_trace(x, *args)
     sites = _latent_sites(trace)
     means: dict[str, Tensor] = {}
     for name, site in sites:
@@ -101,7 +104,7 @@ def posterior_means(guide: Guide, x: Tensor, *, num_samples: int = 256) -> dict[
         except NotImplementedError:
             continue
     if len(means) < len(sites):
-        draws = latent_draws(guide, x, num_samples)
+        draws = latent_draws(guide, x, *args, num_samples=num_samples)
         means |= {name: value.mean(0) for name, value in draws.items() if name not in means}
     return means
 
@@ -269,7 +272,7 @@ def latent_projection(guide: Guide, x: Tensor, *, num_samples: int = 256) -> tup
 
 
 @torch.no_grad()
-def unit_activity(guide: Guide, x: Tensor, *, num_samples: int = 64) -> pd.DataFrame:
+def unit_activity(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 64) -> pd.DataFrame:
     """``Cov_x(E_q[z_d | x])`` per latent dimension: the activity of Burda et al. (2016, section 5.2).
 
     ``E_q[z | x]`` is the mean of ``num_samples`` draws of the guide, so it works for any guide;
@@ -280,7 +283,7 @@ def unit_activity(guide: Guide, x: Tensor, *, num_samples: int = 64) -> pd.DataF
         A DataFrame with columns ``site``, ``dim`` (index in the flattened site) and ``activity``.
     """
     rows = []
-    for name, value in latent_draws(guide, x, num_samples).items():
+    for name, value in latent_draws(guide, x, *args, num_samples=num_samples).items():
         flat = value.reshape(num_samples, x.shape[0], -1)
         means = flat.mean(0)  # [N, dims]
         noise = flat.var(0).mean(0) / num_samples
@@ -289,13 +292,13 @@ def unit_activity(guide: Guide, x: Tensor, *, num_samples: int = 64) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def active_units(guide: Guide, x: Tensor, *, num_samples: int = 64, threshold: float = 0.01) -> int:
+def active_units(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 64, threshold: float = 0.01) -> int:
     """Latent dimensions whose posterior mean varies across data points: ``Cov_x(E_q[z|x]) > 0.01``.
 
     The criterion of Burda et al. (2016, section 5.2): a unit whose posterior mean does not
     depend on x carries no information about it (posterior collapse). See :func:`unit_activity`.
     """
-    return int((unit_activity(guide, x, num_samples=num_samples)["activity"] > threshold).sum())
+    return int((unit_activity(guide, x, *args, num_samples=num_samples)["activity"] > threshold).sum())
 
 
 def _diagonal_normal(fn: Any) -> dist.Normal | None:

@@ -10,7 +10,17 @@ Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A 
 
 from __future__ import annotations
 
-__all__ = ["FORMAT_VERSION", "Run", "RunConfig", "build_run_guide", "load_run", "read_json", "save_run", "write_json"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Run",
+    "RunConfig",
+    "build_run_guide",
+    "build_run_model",
+    "load_run",
+    "read_json",
+    "save_run",
+    "write_json",
+]
 
 import json
 import os
@@ -27,7 +37,8 @@ from torch import nn
 
 from elbolab.data import DataConfig
 from elbolab.errors import InputError, closest_names
-from elbolab.guides import GuideConfig, build_guide
+from elbolab.guides import GuideConfig
+from elbolab.guides.config import MODEL_GUIDES, build_model_guide
 from elbolab.inference.fit import FitConfig
 from elbolab.models import ModelConfig, build_model
 
@@ -48,6 +59,10 @@ class RunConfig:
         data, model, fit, guide: the four sections (a config without ``[guide]`` has a Gaussian guide).
         x_dim, image_shape: the shape of the training data, recorded when the run is fitted so
             that the model can be rebuilt without reading the data.
+        y_dim: the number of classes a ``cvae`` is conditioned on, recorded likewise.
+
+    A guide family left unset becomes the model's default (see
+    :data:`~elbolab.guides.config.MODEL_GUIDES`); one the model does not take is an error.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -56,6 +71,18 @@ class RunConfig:
     guide: GuideConfig = field(default_factory=GuideConfig)
     x_dim: int | None = None
     image_shape: tuple[int, int] | None = None
+    y_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        families = MODEL_GUIDES[self.model.name]
+        if self.model.name == "autoencoder":
+            self.guide.family = "none"  # it has no latents: any guide option is moot
+        elif self.guide.family is None:
+            self.guide.family = families[0]
+        elif self.guide.family not in families:
+            raise InputError(
+                f"the {self.model.name} model takes the guides {', '.join(families)}, not {self.guide.family!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +93,7 @@ class RunConfig:
             "fit": self.fit.to_dict(),
             "x_dim": self.x_dim,
             "image_shape": list(self.image_shape) if self.image_shape else None,
+            "y_dim": self.y_dim,
         }
 
     @classmethod
@@ -76,16 +104,19 @@ class RunConfig:
         if version != FORMAT_VERSION:
             raise InputError(f"{source}: format version {version} is not supported (this elbolab reads {FORMAT_VERSION})")
         sections = {"data": DataConfig, "model": ModelConfig, "guide": GuideConfig, "fit": FitConfig}
-        unknown = set(raw) - set(sections) - {"x_dim", "image_shape"}
+        shapes = ("x_dim", "image_shape", "y_dim")
+        unknown = set(raw) - set(sections) - set(shapes)
         if unknown:
             key = sorted(unknown)[0]
-            raise InputError(f"{source}: unknown key {key!r}; {closest_names(key, [*sections, 'x_dim', 'image_shape'])}")
+            raise InputError(f"{source}: unknown key {key!r}; {closest_names(key, [*sections, *shapes])}")
         built = {
             name: section_cls.from_dict(raw.get(name, {}), source=f"{source} [{name}]")
             for name, section_cls in sections.items()
         }
         image_shape = raw.get("image_shape")
-        return cls(**built, x_dim=raw.get("x_dim"), image_shape=tuple(image_shape) if image_shape else None)
+        return cls(
+            **built, x_dim=raw.get("x_dim"), image_shape=tuple(image_shape) if image_shape else None, y_dim=raw.get("y_dim")
+        )
 
 
 @dataclass
@@ -99,12 +130,16 @@ class Run:
     history: pd.DataFrame
 
 
-def build_run_guide(config: RunConfig, x_dim: int) -> nn.Module | None:
-    """A run's guide: none for the autoencoder, else the ``[guide]`` family with the model's widths."""
-    if config.model.name == "autoencoder":
-        return None
-    model = config.model
-    return build_guide(config.guide, x_dim, model.z_dim, model.hidden, activation=model.activation)
+def build_run_model(config: RunConfig, x_dim: int) -> nn.Module:
+    """A run's model, freshly initialised, for data of width ``x_dim``."""
+    if config.model.name == "cvae" and config.y_dim is None:
+        raise InputError("a cvae run needs y_dim, the number of classes it is conditioned on")
+    return build_model(config.model, x_dim, config.y_dim)
+
+
+def build_run_guide(config: RunConfig, model: nn.Module) -> nn.Module | None:
+    """A run's guide for its ``model``: none for the autoencoder, else the ``[guide]`` family."""
+    return build_model_guide(config.guide, model)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -137,7 +172,9 @@ def save_run(
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if guide is not None:
         tensors |= {f"guide.{k}": v for k, v in guide.state_dict().items()}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # A guide that shares networks with its model (ladder, nearest-code) repeats their tensors
+    # under "guide."; safetensors refuses aliased storage, so each key gets its own copy.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         save_file(tensors, Path(tmp) / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
         _fsync_and_rename(Path(tmp) / WEIGHTS_FILE, path / WEIGHTS_FILE)
@@ -159,8 +196,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     config = RunConfig.from_dict(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
     if config.x_dim is None:
         raise InputError(f"{path / CONFIG_FILE}: x_dim is missing; was this run fitted?")
-    model = build_model(config.model, config.x_dim)
-    guide = build_run_guide(config, config.x_dim)
+    model = build_run_model(config, config.x_dim)
+    guide = build_run_guide(config, model)
     weights_path = path / WEIGHTS_FILE
     try:
         tensors = load_file(weights_path)

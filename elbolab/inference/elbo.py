@@ -94,6 +94,7 @@ class ELBO(pyro.infer.ELBO):
                         "copy of one (as in an AutoAmortizedGuide); a KL per model site has no closed form "
                         "for it: use the Monte Carlo objective 'elbo'"
                     )
+            _check_sampling_order(model_trace, guide_trace)
         for name, site in sample_sites(model_trace):
             if site["is_observed"]:
                 log_lik = log_lik + site_log_prob(site).sum()
@@ -126,6 +127,27 @@ class ELBO(pyro.infer.ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()
+
+
+def _check_sampling_order(model_trace: Any, guide_trace: Any) -> None:
+    """Refuse a guide that samples latents in another order than the model.
+
+    The closed-form KL of a site is taken given the values of the sites sampled before it:
+
+        E_q[log q(z) / p(z)] = sum_l E_q[ KL(q(z_l | z_<l) || p(z_l | z_<l)) ]
+
+    holds when q and p factor in the same order (a ladder guide's top-down inference does). A
+    bottom-up guide samples ``z_1`` before ``z_2`` while ``p(z_1 | z_2)`` conditions on ``z_2``:
+    its per-site KLs would condition on a sample drawn after, and their sum is not the KL.
+    """
+    model_order = [name for name, site in sample_sites(model_trace) if not site["is_observed"]]
+    guide_order = [name for name, site in sample_sites(guide_trace) if not site["is_observed"]]
+    if len(model_order) > 1 and model_order != guide_order:
+        raise InputError(
+            f"elbo-analytic takes each site's closed-form KL given the sites sampled before it, which needs the guide "
+            f"to sample the latents in the model's order ({', '.join(model_order)}); this guide samples "
+            f"{', '.join(guide_order)}: use the Monte Carlo objective 'elbo' (or a top-down guide such as the ladder guide)"
+        )
 
 
 def _analytic_kl(name: str, guide_site: dict, model_site: dict) -> Tensor:

@@ -13,7 +13,7 @@ __all__ = ["FitConfig", "FitResult", "fit", "make_adam", "resolve_device"]
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -124,6 +124,8 @@ def fit(
     device: str | torch.device = "auto",
     seed: int = 0,
     progress: bool | None = None,
+    args: Sequence[Tensor] = (),
+    valid_args: Sequence[Tensor] = (),
     **objective_kwargs: Any,
 ) -> FitResult:
     """Train ``model`` and ``guide`` by stochastic gradient descent on an objective.
@@ -144,10 +146,14 @@ def fit(
         seed: seeds Pyro's, torch's and numpy's RNGs: with the same initial weights the same
             seed gives the same result on CPU.
         progress: progress bar over epochs (``None``: only on a terminal).
+        args: further per-data-point tensors ``[N, ...]``, batched with the data and passed after
+            it, ``model(x_batch, *args_batch)``: e.g. one-hot labels for a conditional VAE.
+        valid_args: the same for ``valid``.
         **objective_kwargs: passed to the objective, e.g. ``num_particles=5``.
 
     Returns:
-        A :class:`FitResult` whose ``history`` has one row per epoch.
+        A :class:`FitResult` whose ``history`` has one row per epoch; a model or guide with a
+        ``training_report()`` method (the VQ-VAE's codebook usage) adds its values to each row.
 
     Example:
         >>> pyro.set_rng_seed(0)
@@ -168,6 +174,10 @@ def fit(
                 f"validation data have {tuple(valid_x.shape[1:])} features, training data {tuple(x.shape[1:])}"
             )
         valid_x = valid_x.to(device)
+    args = _per_point_args(args, x.shape[0], "args")
+    valid_args = _per_point_args(valid_args, valid_x.shape[0] if valid_x is not None else 0, "valid_args")
+    if valid_x is not None and len(valid_args) != len(args):
+        raise InputError(f"fit was given {len(args)} args for the training data but {len(valid_args)} valid_args")
     if isinstance(objective, str):
         objective = get_objective(objective, **objective_kwargs)
     elif objective_kwargs:
@@ -185,8 +195,10 @@ def fit(
         if isinstance(module, nn.Module):
             module.to(device).train()
     x = x.to(device)
+    args = tuple(a.to(device) for a in args)
+    valid_args = tuple(a.to(device) for a in valid_args)
     first_batch = torch.bernoulli(x[:batch_size]) if dynamic else x[:batch_size]
-    params = _collect_params(model, guide, objective, first_batch)
+    params = _collect_params(model, guide, objective, (first_batch, *(a[:batch_size] for a in args)))
     if not params:
         raise InputError("the model and guide have no parameters to train")
     optimizer = make_adam(params, lr)
@@ -209,7 +221,7 @@ def fit(
                     batch = torch.bernoulli(batch)
                 if warmup_steps:
                     objective.beta = kl_warmup(step, warmup_steps, beta)
-                loss = objective.differentiable_loss(model, guide, batch)
+                loss = objective.differentiable_loss(model, guide, batch, *(a[batch_index] for a in args))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -224,8 +236,11 @@ def fit(
             valid_elbo = math.nan
             if valid_x is not None:
                 _set_train(model, guide, False)
-                valid_elbo = importance_estimate(model, guide, valid_x, num_samples=1).elbo.mean().item()
+                valid_elbo = importance_estimate(model, guide, valid_x, *valid_args, num_samples=1).elbo.mean().item()
                 _set_train(model, guide, True)
+            report = {}
+            for module in (model, guide):
+                report |= module.training_report() if hasattr(module, "training_report") else {}
             rows.append(
                 {
                     "epoch": epoch,
@@ -234,8 +249,9 @@ def fit(
                     "valid_elbo": valid_elbo,
                     "seconds": seconds,
                 }
+                | report
             )
-            bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}", **{k: f"{v:.4g}" for k, v in report.items()})
     _set_train(model, guide, False)
     return FitResult(model, guide if guide is not no_guide else None, pd.DataFrame(rows), objective)
 
@@ -265,7 +281,18 @@ def _as_matrix(data: Dataset | Tensor, what: str) -> tuple[Tensor, bool]:
     return data.float(), False
 
 
-def _collect_params(model: Any, guide: Any, objective: Any, batch: Tensor) -> list[Tensor]:
+def _per_point_args(args: Sequence[Tensor], num_points: int, what: str) -> tuple[Tensor, ...]:
+    args = tuple(args)
+    for index, arg in enumerate(args):
+        if not isinstance(arg, Tensor) or arg.ndim == 0 or arg.shape[0] != num_points:
+            shape = tuple(arg.shape) if isinstance(arg, Tensor) else type(arg).__name__
+            raise InputError(f"{what}[{index}] must be a tensor with one row per data point ({num_points}), got {shape}")
+        if arg.is_floating_point() and not torch.isfinite(arg).all():
+            raise InputError(f"{what}[{index}] contains NaN or infinite values")
+    return args
+
+
+def _collect_params(model: Any, guide: Any, objective: Any, batch: tuple[Tensor, ...]) -> list[Tensor]:
     """Module parameters plus any ``pyro.param`` sites, found by one validated run of the loss.
 
     Tracing params (as Pyro's SVI does) supports plain Pyro functions that declare parameters
@@ -273,7 +300,7 @@ def _collect_params(model: Any, guide: Any, objective: Any, batch: Tensor) -> li
     """
     with poutine.trace(param_only=True) as param_capture:
         try:
-            objective.differentiable_loss(model, guide, batch)
+            objective.differentiable_loss(model, guide, *batch)
         except ValueError as error:
             if isinstance(error, InputError):
                 raise

@@ -19,9 +19,10 @@ Gradients for the guide's parameters phi:
   ``grad_phi = sum_k wbar_k^2 dlog w_k / dz_k dz_k / dphi``, with ``wbar`` the normalized
   weights and ``log q`` under stopped gradients on phi. The model's parameters get the standard
   IWAE gradient ``sum_k wbar_k grad_theta log w_k``. The second factor ``wbar_k`` is applied by a
-  gradient hook on the guide's sample, so DReG takes guides with one sampled latent site per
-  data point (deterministic ``Delta`` sites computed from it are fine); a second site sampled
-  given the first would be weighted twice, and is refused.
+  gradient hook on a proxy of each guide sample through which the log densities read it
+  (:func:`~elbolab.inference.traces.run_traced` with ``proxy_latents``): it acts once on every
+  path from ``log w_k`` to the guide's parameters, also for guides whose sites depend on each
+  other, such as the hierarchical VAE's ladder and bottom-up guides.
 
 The value of the loss is ``-L_K`` in every case; only the gradients differ.
 """
@@ -34,7 +35,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import pyro.distributions as dist
 import pyro.infer
 import torch
 from torch import Tensor
@@ -84,7 +84,7 @@ class IWAE(pyro.infer.ELBO):
         if self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         k, nesting = self.num_particles, self.plate_nesting
-        model_trace, guide_trace = run_traced(model, guide, args, kwargs, k, nesting)
+        model_trace, guide_trace = run_traced(model, guide, args, kwargs, k, nesting, proxy_latents=self.gradient == "dreg")
         q_trace = None
         if self.gradient != "standard":
             q_trace = detached_guide_trace(guide, guide_trace, args, kwargs, k, nesting)
@@ -103,11 +103,9 @@ class IWAE(pyro.infer.ELBO):
             normalized = torch.softmax(local, dim=0).detach()
             surrogate = (normalized * local).sum(0)
             data_dim = data_plate_dim(model_trace)
-            # Deterministic functions of a sample (Delta sites, e.g. an auto guide's constrained
-            # values) are not weighted: the weight applies once, where the randomness enters.
             sampled = [
                 site for _, site in sample_sites(guide_trace)
-                if not site["is_observed"] and site["value"].requires_grad and not isinstance(site["fn"], dist.Delta)
+                if not site["is_observed"] and site["value"].requires_grad
             ]
             for site in sampled:
                 if not any(f.name == "data" for f in site["cond_indep_stack"]):
@@ -115,15 +113,9 @@ class IWAE(pyro.infer.ELBO):
                         f"iwae-dreg weighs each data point's samples; the global latent {site['name']!r} "
                         "outside pyro.plate('data') has no per-point weight: use iwae or iwae-stl"
                     )
-            if len(sampled) > 1:
-                # A site sampled given another would have its gradient weighted twice on the way back.
-                raise InputError(
-                    "iwae-dreg supports guides with one sampled latent site per data point; this guide samples "
-                    f"{', '.join(repr(site['name']) for site in sampled)}: use iwae or iwae-stl"
-                )
             for site in sampled:
                 weight = per_point_weights_to_site(normalized, site, self.plate_nesting, data_dim)
-                # The surrogate already weighs z_k by wbar_k; the hook adds the second factor.
+                # The surrogate already weighs z_k by wbar_k; the hook on the proxy adds the second factor.
                 site["value"].register_hook(lambda grad, weight=weight: grad * weight)
             bound = bound.detach() + surrogate - surrogate.detach()
         return -_total(bound, global_, data_scale)

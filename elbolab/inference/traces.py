@@ -54,21 +54,42 @@ def run_traced(
     kwargs: dict,
     num_particles: int = 1,
     plate_nesting: int = 0,
+    proxy_latents: bool = False,
 ) -> tuple[Trace, Trace]:
     """Trace ``guide(*args)``, then ``model(*args)`` replayed on the guide's samples.
 
     With ``num_particles > 1`` both run inside ``pyro.plate("particles", K)`` at dim
     ``-(plate_nesting + 1)``, so every site gains a leading particle dimension.
+
+    With ``proxy_latents``, the model is replayed on *proxies* of the guide's latent values (an
+    identity view of each), and the returned guide trace holds the proxies. Gradients from log
+    densities then reach a sample through its proxy, while gradients that flow from one guide
+    sample into the next (``z_2`` computed from ``z_1``) bypass it: a gradient hook on the proxies
+    acts once per path from a log density to a sample, which DReG needs for guides with several
+    dependent sites.
     """
     with poutine.trace() as guide_tracer, _particles(num_particles, plate_nesting):
         guide(*args, **kwargs)
+    guide_trace = guide_tracer.trace
+    if proxy_latents:
+        guide_trace = _with_proxies(guide_trace)
     with (
         poutine.trace() as model_tracer,
-        poutine.replay(trace=guide_tracer.trace),
+        poutine.replay(trace=guide_trace),
         _particles(num_particles, plate_nesting),
     ):
         model(*args, **kwargs)
-    return model_tracer.trace, guide_tracer.trace
+    return model_tracer.trace, guide_trace
+
+
+def _with_proxies(trace: Trace) -> Trace:
+    """A copy of ``trace`` whose latent values that carry gradients are replaced by identity views of them."""
+    proxied = Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and isinstance(site["value"], Tensor) and site["value"].requires_grad:
+            site = site | {"value": site["value"].view_as(site["value"])}
+        proxied.nodes[name] = site
+    return proxied
 
 
 def detached_guide_trace(
@@ -83,9 +104,12 @@ def detached_guide_trace(
 
     Its log densities ``log q(z; stop_gradient(phi))`` carry gradient only through the samples
     ``z``: the "sticking the landing" estimator (Roeder et al. 2017) and DReG (Tucker et al.
-    2019) are built on them. Normal sites (under any ``to_event``) are detached in place; a guide
-    with other distributions is re-run on its own samples with its parameters detached, which
-    needs an ``nn.Module`` guide. Every latent sample must be reparameterized.
+    2019) are built on them. A guide with one Normal site (under any ``to_event``) is detached in
+    place; any other guide is re-run on its own samples with its parameters detached, which needs
+    an ``nn.Module`` guide. The re-run keeps what detaching in place would lose when a site's
+    parameters depend on another sample (``q(z_2 | z_1)``): the path from ``z_1`` through the
+    parameters of ``q(z_2 | z_1)``, which is not part of the score term. Every latent sample must
+    be reparameterized.
     """
     latent = [(name, site) for name, site in sample_sites(guide_trace) if not site["is_observed"]]
     for name, site in latent:
@@ -95,7 +119,7 @@ def detached_guide_trace(
                 f"guide site {name!r} ({type(site['fn']).__name__}) has none"
             )
     detached_fns = {name: _detached_distribution(site["fn"]) for name, site in latent}
-    if all(fn is not None for fn in detached_fns.values()):
+    if len(latent) == 1 and all(fn is not None for fn in detached_fns.values()):
         # No second run of the guide's networks: the same samples, densities with stopped parameters.
         trace = Trace()
         for name, site in guide_trace.nodes.items():

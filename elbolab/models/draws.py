@@ -18,21 +18,26 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def decode_prior_draws(model: Callable[..., Any], n: int, *, mean: bool = True) -> Tensor:
-    """``n`` draws of the latents from the prior, decoded: the means of ``p(x | z)``, or samples of it."""
-    return _observation(poutine.trace(model).get_trace(None, batch_size=n), mean)
+def decode_prior_draws(model: Callable[..., Any], n: int, *args: Any, mean: bool = True) -> Tensor:
+    """``n`` draws of the latents from the prior, decoded: the means of ``p(x | z)``, or samples of it.
+
+    ``args`` follow ``x=None`` in the model's call, e.g. the conditioning labels of a conditional model.
+    """
+    return _observation(poutine.trace(model).get_trace(None, *args, batch_size=n), mean)
 
 
 @torch.no_grad()
-def decode_posterior_draws(model: Callable[..., Any], guide: Callable[..., Any], x: Tensor, *, mean: bool = True) -> Tensor:
-    """One draw of every latent from ``guide`` given ``x``, decoded by ``model``: ``[N, x_dim]``."""
-    guide_trace = poutine.trace(guide).get_trace(x)
+def decode_posterior_draws(
+    model: Callable[..., Any], guide: Callable[..., Any], x: Tensor, *args: Any, mean: bool = True
+) -> Tensor:
+    """One draw of every latent from ``guide`` given ``x`` (and ``args``), decoded by ``model``: ``[N, x_dim]``."""
+    guide_trace = poutine.trace(guide).get_trace(x, *args)
     replayed = poutine.replay(model, guide_trace)
-    return _observation(poutine.trace(replayed).get_trace(None, batch_size=x.shape[0]), mean)
+    return _observation(poutine.trace(replayed).get_trace(None, *args, batch_size=x.shape[0]), mean)
 
 
 @torch.no_grad()
-def decode_latents(model: Callable[..., Any], latents: dict[str, Tensor], *, mean: bool = True) -> Tensor:
+def decode_latents(model: Callable[..., Any], latents: dict[str, Tensor], *args: Any, mean: bool = True) -> Tensor:
     """Decode given latent values: the model run with every site of ``latents`` fixed, ``[n, x_dim]``.
 
     ``latents`` maps latent site names to values ``[n, *shape]``, one row per data point to
@@ -40,7 +45,7 @@ def decode_latents(model: Callable[..., Any], latents: dict[str, Tensor], *, mea
     """
     n = next(iter(latents.values())).shape[0]
     conditioned = poutine.condition(model, data=latents)
-    return _observation(poutine.trace(conditioned).get_trace(None, batch_size=n), mean)
+    return _observation(poutine.trace(conditioned).get_trace(None, *args, batch_size=n), mean)
 
 
 def _observation(trace: poutine.Trace, mean: bool) -> Tensor:

@@ -30,7 +30,7 @@ from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.nn import ACTIVATIONS, mlp
 
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
-MODEL_NAMES = ("vae", "autoencoder")
+MODEL_NAMES = ("vae", "cvae", "hvae", "vqvae", "autoencoder")
 
 
 @dataclass
@@ -38,12 +38,20 @@ class ModelConfig:
     """The ``[model]`` section of a run's config.
 
     Attributes:
-        name: ``"vae"`` or ``"autoencoder"``.
-        z_dim: latent (code) width.
+        name: ``"vae"``, ``"cvae"`` (conditional VAE), ``"hvae"`` (hierarchical VAE),
+            ``"vqvae"`` (vector-quantized VAE) or ``"autoencoder"``.
+        z_dim: latent (code) width; for ``vqvae`` the width of each codebook vector.
         hidden: encoder hidden widths; the decoder uses them reversed.
         likelihood: one of :data:`LIKELIHOODS`.
         activation: a key of :data:`elbolab.nn.ACTIVATIONS`.
         obs_scale: Gaussian likelihood only: a fixed scale, or ``None`` to learn one per pixel.
+        z_dims: ``hvae`` only: widths of the stochastic layers, the one next to the data first
+            (default ``(50, 20)``).
+        hidden_upper: ``hvae`` only: hidden widths of the networks between stochastic layers
+            (default: ``hidden``).
+        codebook_size: ``vqvae`` only: K, the number of codebook vectors.
+        num_codes: ``vqvae`` only: codes per data point, each one of K vectors.
+        commitment: ``vqvae`` only: beta, the weight of the commitment loss.
     """
 
     name: str = "vae"
@@ -52,15 +60,19 @@ class ModelConfig:
     likelihood: str = "bernoulli"
     activation: str = "relu"
     obs_scale: float | None = None
+    z_dims: tuple[int, ...] = ()
+    hidden_upper: tuple[int, ...] = ()
+    codebook_size: int = 64
+    num_codes: int = 8
+    commitment: float = 0.25
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
+        self.hidden = _widths("hidden", self.hidden, allow_empty=False)
+        self.z_dims = _widths("z_dims", self.z_dims, allow_empty=True)
+        self.hidden_upper = _widths("hidden_upper", self.hidden_upper, allow_empty=True)
         if self.name not in MODEL_NAMES:
             raise InputError(f"unknown model {self.name!r}; {closest_names(self.name, MODEL_NAMES)}")
-        if int(self.z_dim) != self.z_dim or self.z_dim < 1:
-            raise InputError(f"z_dim must be a positive integer, got {self.z_dim}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise InputError(f"hidden must be one or more positive widths, got {self.hidden}")
+        _check_positive_int("z_dim", self.z_dim)
         if self.likelihood not in LIKELIHOODS:
             raise InputError(
                 f"unknown likelihood {self.likelihood!r}; {closest_names(self.likelihood, LIKELIHOODS)}"
@@ -71,13 +83,43 @@ class ModelConfig:
             )
         if self.obs_scale is not None and not self.obs_scale > 0:
             raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
+        if self.name == "hvae":
+            self.z_dims = self.z_dims or (50, 20)
+            self.hidden_upper = self.hidden_upper or self.hidden
+            if len(self.z_dims) < 2:
+                raise InputError(f"an hvae needs two or more stochastic layers in z_dims, got {self.z_dims}")
+        elif self.z_dims or self.hidden_upper:
+            raise InputError(f"z_dims and hidden_upper are options of the hvae model, not of {self.name}")
+        for name in ("codebook_size", "num_codes"):
+            _check_positive_int(name, getattr(self, name))
+        if self.name == "vqvae" and self.codebook_size < 2:
+            raise InputError(f"codebook_size must be at least 2, got {self.codebook_size}")
+        if not (isinstance(self.commitment, (int, float)) and 0 <= self.commitment < float("inf")):
+            raise InputError(f"commitment must be a finite number >= 0, got {self.commitment}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"hidden": list(self.hidden)}
+        return asdict(self) | {name: list(getattr(self, name)) for name in ("hidden", "z_dims", "hidden_upper")}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> ModelConfig:
         return dataclass_from_dict(cls, values, source)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _widths(name: str, values: Any, *, allow_empty: bool) -> tuple[int, ...]:
+    try:
+        widths = tuple(values)
+    except TypeError:
+        raise InputError(f"{name} must be a list of positive widths, got {values!r}") from None
+    for width in widths:
+        _check_positive_int(f"every width of {name}", width)
+    if not widths and not allow_empty:
+        raise InputError(f"{name} must be one or more positive widths, got {values!r}")
+    return tuple(int(width) for width in widths)
 
 
 class Likelihood(nn.Module):
