@@ -21,11 +21,11 @@ frequencies: ``K`` when every code is used equally, 1 when one code takes all.
 
 from __future__ import annotations
 
-__all__ = ["Codebook", "UniformCodebook", "VQVAE"]
+__all__ = ["VQVAE", "Codebook", "UniformCodebook", "code_usage"]
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -47,10 +47,10 @@ class UniformCodebook(dist.TorchDistribution):
     straight-through form differs from a codebook vector only by a gradient path).
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     support = constraints.real_vector
 
-    def __init__(self, embeddings: Tensor, num_codes: int, batch_shape: torch.Size = torch.Size(), validate_args: Any = None) -> None:
+    def __init__(self, embeddings: Tensor, num_codes: int, batch_shape: Sequence[int] = (), validate_args: Any = None) -> None:
         self.embeddings = embeddings
         self.num_codes = num_codes
         super().__init__(torch.Size(batch_shape), torch.Size((num_codes, embeddings.shape[1])), validate_args=False)
@@ -58,7 +58,7 @@ class UniformCodebook(dist.TorchDistribution):
     def expand(self, batch_shape: torch.Size, _instance: Any = None) -> UniformCodebook:
         return UniformCodebook(self.embeddings, self.num_codes, torch.Size(batch_shape))
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape + (self.num_codes,)
         codes = torch.randint(self.embeddings.shape[0], shape, device=self.embeddings.device)
         return self.embeddings[codes]

@@ -80,7 +80,7 @@ def test_autoencoder_has_no_latents_and_cannot_generate():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"z_dim": 0}, "z_dim"), ({"hidden": ()}, "hidden"), ({"likelihood": "poisson"}, "likelihood"),
-     ({"activation": "sigmoidd"}, "activation"), ({"obs_scale": -1.0}, "obs_scale"), ({"name": "vqvae"}, "model")],
+     ({"activation": "sigmoidd"}, "activation"), ({"obs_scale": -1.0}, "obs_scale"), ({"name": "vqvaee"}, "model"), ({"name": "hvae", "z_dims": (8,)}, "two or more"), ({"z_dims": (4, 2)}, "hvae")],
 )
 def test_model_config_is_validated(kwargs, message):
     with pytest.raises(InputError, match=message):
