@@ -77,28 +77,31 @@ class Codebook(nn.Module):
 
     with ``N`` Laplace-smoothed by ``epsilon`` (van den Oord et al. 2017, appendix A.1). The first
     update starts the codes at random encoder outputs, so that none starts far from the data. A
-    code whose ``N_i`` falls below ``restart_below`` times the mean count is dead: it is moved to a
-    random encoder output of the batch and given the mean count, time to win assignments. The
-    updates run on the device, without host synchronization.
+    code that no encoder output chose during the last ``dead_after * K`` assignments (a code used
+    at the uniform rate 1/K would have been chosen ``dead_after`` times in expectation) is dead: it
+    is moved to a random encoder output of the batch and given the mean count, time to win
+    assignments. The updates run on the device, without host synchronization.
 
     Arguments:
         codebook_size: K.
         code_dim: width of a code vector.
         decay: EMA decay (0.99 in the paper).
-        restart_below: fraction of the mean usage under which a code is restarted.
+        dead_after: restart a code unused for this many times its uniform share of assignments
+            (``0`` never restarts).
         epsilon: Laplace smoothing of the counts.
     """
 
     def __init__(
-        self, codebook_size: int, code_dim: int, decay: float = 0.99, restart_below: float = 0.03, epsilon: float = 1e-5
+        self, codebook_size: int, code_dim: int, decay: float = 0.99, dead_after: float = 10.0, epsilon: float = 1e-5
     ) -> None:
         super().__init__()
-        self.decay, self.restart_below, self.epsilon = decay, restart_below, epsilon
+        self.decay, self.dead_after, self.epsilon = decay, dead_after, epsilon
         embeddings = torch.randn(codebook_size, code_dim)
         self.register_buffer("embeddings", embeddings)
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("embedding_sum", embeddings.clone())
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("idle", torch.zeros(codebook_size))  # assignments since each code was last chosen
         # Assignments since the last usage() call: the codebook's usage over an epoch.
         self.register_buffer("counts", torch.zeros(codebook_size), persistent=False)
 
@@ -132,8 +135,12 @@ class Codebook(nn.Module):
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.epsilon) / (total + self.size * self.epsilon) * total
         self.embeddings.copy_(self.embedding_sum / smoothed.unsqueeze(1))
+        self.idle.copy_(torch.where(counts > 0, torch.zeros_like(self.idle), self.idle + flat.shape[0]))
+        if not self.dead_after:
+            return
         mean = self.cluster_size.mean()
-        dead = self.cluster_size < self.restart_below * mean
+        dead = self.idle >= self.dead_after * self.size
+        self.idle.masked_fill_(dead, 0.0)
         self.embeddings.copy_(torch.where(dead.unsqueeze(1), random_outputs, self.embeddings))
         self.embedding_sum.copy_(torch.where(dead.unsqueeze(1), random_outputs * mean, self.embedding_sum))
         self.cluster_size.copy_(torch.where(dead, mean, self.cluster_size))
