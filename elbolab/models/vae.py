@@ -10,7 +10,7 @@ likelihood for grayscale data. The encoder is not part of the model: it is the g
 
 from __future__ import annotations
 
-__all__ = ["LIKELIHOODS", "VAE", "Autoencoder", "Likelihood", "ModelConfig"]
+__all__ = ["LIKELIHOODS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "start_at_data_mean"]
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -122,6 +122,19 @@ def _widths(name: str, values: Any, *, allow_empty: bool) -> tuple[int, ...]:
     return tuple(int(width) for width in widths)
 
 
+@torch.no_grad()
+def start_at_data_mean(output_layer: nn.Linear, x: Tensor, likelihood: str) -> None:
+    """Set a decoder's output bias so that ``p(x | .)`` has the per-pixel mean of ``x`` at zero input.
+
+    The pixel log-odds for the Bernoulli likelihoods, the pixel mean for the Gaussian.
+    """
+    mean = x.reshape(x.shape[0], -1).float().mean(0).to(output_layer.bias.device)
+    if likelihood == "gaussian":
+        output_layer.bias.copy_(mean)
+    else:
+        output_layer.bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+
+
 class Likelihood(nn.Module):
     """Decoder output -> the distribution ``p(x | z)`` over one data row (event dim 1).
 
@@ -197,11 +210,7 @@ class VAE(nn.Module):
         statistics instead of spending its first epochs learning them: on binarized MNIST this
         is worth several nats after 10 epochs.
         """
-        mean = x.reshape(-1, self.x_dim).float().mean(0).to(self.decoder[-1].bias.device)
-        if self.config.likelihood == "gaussian":
-            self.decoder[-1].bias.copy_(mean)
-        else:
-            self.decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+        start_at_data_mean(self.decoder[-1], x, self.config.likelihood)
         return self
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
-from elbolab.models.vae import Likelihood, ModelConfig
+from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
 from elbolab.nn import mlp
 
 
@@ -215,11 +215,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def init_output_bias(self, x: Tensor) -> VQVAE:
         """Start the decoder at the data's per-pixel mean (see :meth:`VAE.init_output_bias`)."""
-        mean = x.reshape(-1, self.x_dim).float().mean(0).to(self.decoder[-1].bias.device)
-        if self.config.likelihood == "gaussian":
-            self.decoder[-1].bias.copy_(mean)
-        else:
-            self.decoder[-1].bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)))
+        start_at_data_mean(self.decoder[-1], x, self.config.likelihood)
         return self
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
