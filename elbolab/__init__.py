@@ -4,7 +4,16 @@ __version__ = "0.1.0"
 
 from elbolab.data import DataConfig, Dataset, load_dataset
 from elbolab.errors import InputError
-from elbolab.guides import AutoAmortizedGuide, FlowGuide, GaussianGuide, MixtureGuide
+from elbolab.guides import (
+    AutoAmortizedGuide,
+    BottomUpGuide,
+    ConditionalGuide,
+    FlowGuide,
+    GaussianGuide,
+    LadderGuide,
+    MixtureGuide,
+    NearestCodeGuide,
+)
 from elbolab.inference import (
     ELBO,
     FitConfig,
@@ -16,23 +25,39 @@ from elbolab.inference import (
     log_likelihood,
     save_run,
 )
-from elbolab.models import VAE, Autoencoder, Latent, LatentModel, ModelConfig
+from elbolab.models import (
+    VAE,
+    VQVAE,
+    Autoencoder,
+    ConditionalVAE,
+    HierarchicalVAE,
+    Latent,
+    LatentModel,
+    ModelConfig,
+)
 
 __all__ = [
     "ELBO",
     "VAE",
+    "VQVAE",
     "AutoAmortizedGuide",
     "Autoencoder",
+    "BottomUpGuide",
+    "ConditionalGuide",
+    "ConditionalVAE",
     "DataConfig",
     "Dataset",
     "FitConfig",
     "FlowGuide",
     "GaussianGuide",
+    "HierarchicalVAE",
     "InputError",
+    "LadderGuide",
     "Latent",
     "LatentModel",
     "MixtureGuide",
     "ModelConfig",
+    "NearestCodeGuide",
     "RunConfig",
     "__version__",
     "fit",

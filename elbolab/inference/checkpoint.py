@@ -56,7 +56,7 @@ class RunConfig:
     """Everything that defines a run: what a TOML config file or the CLI flags fill.
 
     Attributes:
-        data, model, fit, guide: the four sections (a config without ``[guide]`` has a Gaussian guide).
+        data, model, fit, guide: the four sections (a config without ``[guide]`` has the model's default guide).
         x_dim, image_shape: the shape of the training data, recorded when the run is fitted so
             that the model can be rebuilt without reading the data.
         y_dim: the number of classes a ``cvae`` is conditioned on, recorded likewise.

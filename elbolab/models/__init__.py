@@ -1,5 +1,6 @@
 """Pyro models that follow the model contract (see DESIGN.md)."""
 
+from elbolab.errors import InputError
 from elbolab.models.cvae import ConditionalVAE, as_condition
 from elbolab.models.hierarchical import HierarchicalVAE
 from elbolab.models.latent import Latent, LatentModel
@@ -33,7 +34,7 @@ def build_model(config: ModelConfig, x_dim: int, y_dim: int | None = None) -> VA
     common = {"likelihood": c.likelihood, "activation": c.activation, "obs_scale": c.obs_scale}
     if c.name == "cvae":
         if y_dim is None:
-            raise ValueError("a cvae needs y_dim, the number of classes")
+            raise InputError("a cvae needs y_dim, the number of classes it is conditioned on")
         return ConditionalVAE(x_dim, y_dim, c.z_dim, c.hidden, **common)
     if c.name == "hvae":
         return HierarchicalVAE(x_dim, c.z_dims, c.hidden, c.hidden_upper, **common)
