@@ -163,7 +163,7 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                     "help": "gaussian likelihood: fixed scale, or learned per pixel (default)"}),
     "--guide": ("guide", "family", {"choices": [family for family in GUIDE_FAMILIES if family != "none"],
                 "help": "q(z|x): vae and cvae: diagonal gaussian (default), mixture of gaussians, or normalizing "
-                "flow; hvae: ladder (default, top-down) or bottom-up; vqvae: nearest-code (its only one)"}),
+                "flow; hvae: bottom-up (default) or ladder (top-down); vqvae: nearest-code (its only one)"}),
     "--components": ("guide", "components", {"type": _positive_int, "help": "mixture guide: components (default 5)"}),
     "--flow": ("guide", "flow", {"choices": list(FLOWS), "help": "flow guide: layer type (default iaf)"}),
     "--flow-depth": ("guide", "flow_depth", {"type": _positive_int, "help": "flow guide: layers (default 4)"}),

@@ -11,8 +11,8 @@ from elbolab.cli import main
 TINY = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--epochs", "2", "--quiet"]
 MODELS = {
     "cvae": ["--model", "cvae", "--z-dim", "2"],
-    "hvae": ["--model", "hvae", "--z-dims", "4,2", "--hidden-upper", "8"],
-    "hvae-bottom-up": ["--model", "hvae", "--z-dims", "4,2", "--guide", "bottom-up", "--objective", "iwae-dreg"],
+    "hvae": ["--model", "hvae", "--z-dims", "4,2", "--hidden-upper", "8", "--guide", "ladder"],
+    "hvae-bottom-up": ["--model", "hvae", "--z-dims", "4,2", "--objective", "iwae-dreg"],
     "vqvae": ["--model", "vqvae", "--z-dim", "2", "--codebook-size", "8", "--num-codes", "3"],
 }
 
@@ -45,6 +45,8 @@ def test_config_records_what_rebuilds_each_model(runs):
     assert cvae["y_dim"] == 10 and cvae["guide"]["family"] == "gaussian"
     hvae = json.loads((runs / "hvae" / "config.json").read_text())
     assert hvae["model"]["z_dims"] == [4, 2] and hvae["guide"]["family"] == "ladder"
+    default = json.loads((runs / "hvae-bottom-up" / "config.json").read_text())
+    assert default["guide"]["family"] == "bottom-up"  # the hvae's default guide
     vqvae = json.loads((runs / "vqvae" / "config.json").read_text())
     assert vqvae["model"]["codebook_size"] == 8 and vqvae["guide"]["family"] == "nearest-code"
 
@@ -70,7 +72,7 @@ def test_compare_trains_a_cvae_under_several_objectives(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["fit", *TINY, "--model", "hvae", "--guide", "gaussian"], "takes the guides ladder, bottom-up"),
+        (["fit", *TINY, "--model", "hvae", "--guide", "gaussian"], "takes the guides bottom-up, ladder"),
         (["fit", *TINY, "--model", "hvae", "--z-dims", "8"], "two or more"),
         (["fit", *TINY, "--z-dims", "8,4"], "options of the hvae model"),
         (["fit", *TINY, "--model", "vqvae", "--objective", "iwae"], "--objective elbo"),

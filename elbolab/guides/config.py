@@ -31,7 +31,9 @@ SINGLE_SITE = tuple(GUIDE_CLASSES)
 MODEL_GUIDES: dict[str, tuple[str, ...]] = {
     "vae": SINGLE_SITE,
     "cvae": SINGLE_SITE,
-    "hvae": ("ladder", "bottom-up"),
+    # Bottom-up first: on binarized MNIST under iwae (K = 5, 20 epochs) it beats the ladder guide by
+    # 6 nats of test log-likelihood (benchmarks/RESULTS.md).
+    "hvae": ("bottom-up", "ladder"),
     "vqvae": ("nearest-code",),
     "autoencoder": ("none",),
 }
