@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from elbolab.errors import InputError
+from elbolab.models.cvae import as_condition
 
 
 class ConditionalGuide(nn.Module):
@@ -38,5 +39,5 @@ class ConditionalGuide(nn.Module):
         if y is None:
             raise InputError("a conditional guide needs the conditioning y that the model is given")
         if not y.is_floating_point():
-            y = torch.nn.functional.one_hot(y.long(), self.y_dim).to(x.dtype)
+            y = as_condition(y, self.y_dim)  # labels are one-hot encoded (and range-checked) as the model does
         return self.inner(torch.cat([x, y.to(x.dtype)], dim=-1))
