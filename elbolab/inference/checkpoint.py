@@ -5,6 +5,7 @@ Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A 
     config.json           RunConfig: [data], [model], [guide], [fit] sections, data shape, format version
     weights.safetensors   model and guide state, keys prefixed "model." and "guide."
     history.csv           one row per epoch (see FitResult)
+    checkpoint.safetensors  the training state for `elbolab fit --resume` (training_state.py)
     metrics.json          written by `elbolab evaluate`
 """
 
@@ -19,20 +20,16 @@ __all__ = [
     "load_run",
     "read_json",
     "save_run",
+    "unfinished_run",
     "write_json",
 ]
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from elbolab.data import DataConfig
@@ -40,9 +37,17 @@ from elbolab.errors import InputError, closest_names
 from elbolab.guides import GuideConfig
 from elbolab.guides.config import MODEL_GUIDES, build_model_guide
 from elbolab.inference.fit import FitConfig
+from elbolab.inference.storage import (
+    FORMAT_VERSION,
+    atomic_write,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from elbolab.inference.training_state import CHECKPOINT_FILE, load_module_state, read_checkpoint
 from elbolab.models import ModelConfig, build_model
 
-FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, METRICS_FILE = (
     "config.json",
     "weights.safetensors",
@@ -142,23 +147,6 @@ def build_run_guide(config: RunConfig, model: nn.Module) -> nn.Module | None:
     return build_model_guide(config.guide, model)
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
-    _atomic_write(path, json.dumps(payload, indent=2, allow_nan=True).encode())
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        payload = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(payload, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return payload
-
-
 def save_run(
     path: str | Path,
     config: RunConfig,
@@ -166,21 +154,34 @@ def save_run(
     guide: nn.Module | None,
     history: pd.DataFrame,
 ) -> Path:
-    """Write a run folder (config, weights, history); each file is written atomically."""
+    """Write a run folder's history, config and weights, each atomically and the weights last.
+
+    A folder is a finished run once ``weights.safetensors`` is in it; a process killed before
+    that leaves at most the other files and the training checkpoint, from which ``--resume``
+    finishes the run.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if guide is not None:
         tensors |= {f"guide.{k}": v for k, v in guide.state_dict().items()}
-    # A guide that shares networks with its model (ladder, nearest-code) repeats their tensors
-    # under "guide."; safetensors refuses aliased storage, so each key gets its own copy.
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    with tempfile.TemporaryDirectory(dir=path) as tmp:
-        save_file(tensors, Path(tmp) / WEIGHTS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
-        _fsync_and_rename(Path(tmp) / WEIGHTS_FILE, path / WEIGHTS_FILE)
+    atomic_write(path / HISTORY_FILE, history.to_csv(index=False).encode())
     write_json(path / CONFIG_FILE, config.to_dict())
-    _atomic_write(path / HISTORY_FILE, history.to_csv(index=False).encode())
+    save_tensors(path / WEIGHTS_FILE, tensors)
     return path
+
+
+def unfinished_run(path: Path) -> str | None:
+    """If ``path`` holds a run whose training has not finished, a sentence saying how far it got."""
+    checkpoint = path / CHECKPOINT_FILE
+    if (path / WEIGHTS_FILE).exists() or not checkpoint.exists():
+        return None
+    try:
+        _, training = read_checkpoint(checkpoint)
+    except InputError as error:
+        return f"holds an unfinished run whose checkpoint cannot be read ({error})"
+    epochs = training["metadata"].get("fit", {}).get("epochs", "?")
+    return f"holds an unfinished run, stopped after epoch {training['progress']['epoch']} of {epochs}"
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -193,41 +194,27 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: no such run folder")
+    unfinished = unfinished_run(path)
+    if unfinished:
+        raise InputError(f"{path} {unfinished}; finish it with: elbolab fit --resume {path}")
     config = RunConfig.from_dict(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
     if config.x_dim is None:
         raise InputError(f"{path / CONFIG_FILE}: x_dim is missing; was this run fitted?")
     model = build_run_model(config, config.x_dim)
     guide = build_run_guide(config, model)
     weights_path = path / WEIGHTS_FILE
-    try:
-        tensors = load_file(weights_path)
-    except FileNotFoundError:
-        raise InputError(f"{weights_path}: no such file") from None
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    tensors, _ = load_tensors(weights_path)
     for prefix, module in (("model.", model), ("guide.", guide)):
-        if module is None:
-            continue
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise InputError(f"{weights_path}: weights do not fit the configured {prefix[:-1]} ({first})") from None
-        module.to(device).eval()
+        if module is not None:
+            load_module_state(module, tensors, prefix, weights_path)
+            module.to(device).eval()
     history_path = path / HISTORY_FILE
-    history = pd.read_csv(history_path) if history_path.exists() else pd.DataFrame()
+    history = _read_history(history_path) if history_path.exists() else pd.DataFrame()
     return Run(path, config, model, guide, history)
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(payload)
-    _fsync_and_rename(Path(tmp), path)
-
-
-def _fsync_and_rename(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _read_history(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable history table ({str(error).splitlines()[0]})") from None

@@ -9,12 +9,18 @@ first step only (the data were checked once at the boundary).
 
 from __future__ import annotations
 
-__all__ = ["FitConfig", "FitResult", "fit", "make_adam", "resolve_device"]
+__all__ = ["FitConfig", "FitResult", "TrainingInterrupted", "fit", "make_adam", "resolve_device"]
 
+import copy
+import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -30,6 +36,11 @@ from elbolab.errors import InputError
 from elbolab.inference.evaluate import importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
+from elbolab.inference.training_state import Progress, restore_checkpoint, save_checkpoint
+
+# Steps between reads of the skipped-step counters (a host sync on CUDA): divergence is handled
+# at most this many steps late, during which non-finite steps are skipped anyway.
+_CHECK_EVERY = 50
 
 
 @dataclass
@@ -43,6 +54,8 @@ class FitConfig:
         warmup: epochs over which beta rises linearly from 0 (KL warm-up); 0 for none.
         epochs, batch_size, lr, seed: as named.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        clip_grad_norm, max_bad_steps, max_restorations: divergence handling, as in :func:`fit`.
+        checkpoint_every: epochs between training checkpoints.
     """
 
     objective: str = "elbo"
@@ -54,9 +67,13 @@ class FitConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    clip_grad_norm: float | None = None
+    max_bad_steps: int = 10
+    max_restorations: int = 3
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("particles", "epochs", "batch_size"):
+        for name in ("particles", "epochs", "batch_size", "max_bad_steps", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value}")
@@ -66,6 +83,11 @@ class FitConfig:
             raise InputError(f"beta must be finite and >= 0, got {self.beta}")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise InputError(f"clip_grad_norm must be positive, got {self.clip_grad_norm}")
+        restorations = self.max_restorations
+        if isinstance(restorations, bool) or int(restorations) != restorations or restorations < 0:
+            raise InputError(f"max_restorations must be a non-negative integer, got {restorations}")
         resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +148,13 @@ def fit(
     progress: bool | None = None,
     args: Sequence[Tensor] = (),
     valid_args: Sequence[Tensor] = (),
+    clip_grad_norm: float | None = None,
+    max_bad_steps: int = 10,
+    max_restorations: int = 3,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    checkpoint_metadata: dict[str, Any] | None = None,
     **objective_kwargs: Any,
 ) -> FitResult:
     """Train ``model`` and ``guide`` by stochastic gradient descent on an objective.
@@ -149,11 +178,34 @@ def fit(
         args: further per-data-point tensors ``[N, ...]``, batched with the data and passed after
             it, ``model(x_batch, *args_batch)``: e.g. one-hot labels for a conditional VAE.
         valid_args: the same for ``valid``.
+        clip_grad_norm: rescale the gradient to at most this Euclidean norm before each step
+            (``None``: no clipping).
+        max_bad_steps: a step whose loss or gradient is not finite is skipped (the parameters and
+            Adam's moments stay as they were) and counted in the history; after this many in a
+            row the parameters and optimizer go back to the state at the end of the last epoch
+            and the learning rate is halved.
+        max_restorations: after this many restorations, training stops with an
+            :class:`~elbolab.errors.InputError` (the last checkpoint is left as it was).
+        checkpoint: a file to write the whole training state to (see
+            :mod:`~elbolab.inference.training_state`), every ``checkpoint_every`` epochs, at the
+            end, and when the process is asked to stop (Ctrl-C or SIGTERM: the step under way
+            finishes, the state is written, and :class:`TrainingInterrupted` is raised).
+        checkpoint_every: epochs between checkpoints.
+        resume: continue from ``checkpoint`` when it exists. Build the model and guide as for the
+            first run; the result is, on CPU, bitwise that of a run never stopped. The
+            checkpoint's options (objective, batch size, learning rate, seed, ...) must be these;
+            ``epochs`` may be larger, to train on.
+        checkpoint_metadata: JSON-serializable data stored in the checkpoint (the CLI stores the
+            run's config), read back with :func:`~elbolab.inference.training_state.read_checkpoint`.
         **objective_kwargs: passed to the objective, e.g. ``num_particles=5``.
 
     Returns:
         A :class:`FitResult` whose ``history`` has one row per epoch; a model or guide with a
         ``training_report()`` method (the VQ-VAE's codebook usage) adds its values to each row.
+
+    Raises:
+        InputError: bad data or options, or training that kept diverging.
+        TrainingInterrupted: Ctrl-C or SIGTERM while training with a checkpoint file.
 
     Example:
         >>> pyro.set_rng_seed(0)
@@ -161,7 +213,10 @@ def fit(
         >>> result = fit(model, guide, load_dataset("digits", binarize="dynamic"), epochs=20)
         >>> result.history.tail(1)
     """
-    FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta, warmup=warmup_epochs, seed=seed)
+    FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta, warmup=warmup_epochs, seed=seed,
+              clip_grad_norm=clip_grad_norm, max_bad_steps=max_bad_steps, max_restorations=max_restorations,
+              checkpoint_every=checkpoint_every)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     device = resolve_device(device)
     x, dynamic = _as_matrix(data, "training data")
     valid_x = None
@@ -178,6 +233,7 @@ def fit(
     valid_args = _per_point_args(valid_args, valid_x.shape[0] if valid_x is not None else 0, "valid_args")
     if valid_x is not None and len(valid_args) != len(args):
         raise InputError(f"fit was given {len(args)} args for the training data but {len(valid_args)} valid_args")
+    objective_name = objective if isinstance(objective, str) else type(objective).__name__
     if isinstance(objective, str):
         objective = get_objective(objective, **objective_kwargs)
     elif objective_kwargs:
@@ -202,37 +258,90 @@ def fit(
     if not params:
         raise InputError("the model and guide have no parameters to train")
     optimizer = make_adam(params, lr)
-
     if getattr(objective, "supports_beta", False):
         objective.beta = beta
-    rows = []
-    step = 0
-    bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=None if progress is None else not progress)
+
+    options = {
+        "objective": objective_name, "objective_options": _as_json(objective_kwargs), "batch_size": batch_size,
+        "lr": lr, "beta": beta, "warmup_epochs": warmup_epochs, "seed": seed, "clip_grad_norm": clip_grad_norm,
+        "max_bad_steps": max_bad_steps, "max_restorations": max_restorations, "data_shape": list(x.shape),
+        "dynamic_binarization": dynamic,
+    }
+    progress_state, loop = Progress(), {}
+    if checkpoint is not None and resume and checkpoint.exists():
+        progress_state, loop = restore_checkpoint(
+            checkpoint, model=model, guide=guide, optimizer=optimizer, params=params, options=options
+        )
+        if progress_state.epoch > epochs:
+            raise InputError(f"{checkpoint}: the run has already trained {progress_state.epoch} epochs, more than epochs={epochs}")
+    # Running sums of the epoch, kept on the device so that the step never waits for the host:
+    # loss of the finite steps, their data points, skipped steps, current and longest run of skips.
+    tally = loop.get("tally", torch.zeros(5, dtype=torch.float64, device=device))
+    order = loop.get("order")
+    last_good = _snapshot(model, guide, optimizer, params)
+
+    def write_checkpoint() -> None:
+        save_checkpoint(
+            checkpoint, model=model, guide=guide, optimizer=optimizer, params=params, progress=progress_state,
+            loop={"order": order, "tally": tally} if order is not None else {}, options=options,
+            metadata=checkpoint_metadata or {},
+        )
+
+    def check_divergence() -> None:
+        """Restore the last good state and halve the learning rate after a run of skipped steps."""
+        nonlocal last_good
+        if tally[4].item() < max_bad_steps:
+            return
+        progress_state.restorations += 1
+        lr_now = optimizer.param_groups[0]["lr"]
+        if progress_state.restorations > max_restorations:
+            where = f"; the last good checkpoint is {checkpoint}" if checkpoint is not None else ""
+            raise InputError(
+                f"training diverged: {max_bad_steps} non-finite losses or gradients in a row, again after "
+                f"{max_restorations} restorations of the last good state with the learning rate halved "
+                f"(now {lr_now:.3g}){where}; lower the learning rate or clip gradients (clip_grad_norm)"
+            )
+        _restore(last_good, model, guide, optimizer, params)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now / 2
+        tally[3:].zero_()
+
+    take_step = _step_function(optimizer, params, clip_grad_norm)
+    rows = progress_state.history
+    bar = tqdm(range(progress_state.epoch + 1, epochs + 1), desc="fit", unit="epoch", initial=progress_state.epoch,
+               total=epochs, disable=None if progress is None else not progress)
     # Argument checks of Pyro and torch.distributions cost a host sync per site (e.g. that
     # Bernoulli data are 0/1); they ran on the first step in _collect_params.
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), _deferred_stop(enabled=checkpoint is not None) as stop:
         for epoch in bar:
             start = time.perf_counter()
-            total = torch.zeros((), device=device)
-            order = torch.randperm(x.shape[0], device=device)
-            for batch_index in order.split(batch_size):
+            if order is None:
+                order = torch.randperm(x.shape[0], device=device)
+                tally[:3].zero_()  # a run of skipped steps may go on into the new epoch
+            batches = order.split(batch_size)
+            for index in range(progress_state.batch, len(batches)):
+                if stop.signal is not None:
+                    progress_state.batch = index
+                    progress_state.epoch_seconds += time.perf_counter() - start
+                    write_checkpoint()
+                    raise TrainingInterrupted(checkpoint, epoch, index, len(batches), stop.signal)
+                batch_index = batches[index]
                 batch = x[batch_index]
                 if dynamic:
                     batch = torch.bernoulli(batch)
                 if warmup_steps:
-                    objective.beta = kl_warmup(step, warmup_steps, beta)
+                    objective.beta = kl_warmup(progress_state.step, warmup_steps, beta)
                 loss = objective.differentiable_loss(model, guide, batch, *(a[batch_index] for a in args))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                total += loss.detach()
-                step += 1
-            train_loss = total.item() / x.shape[0]
-            seconds = time.perf_counter() - start
-            if not math.isfinite(train_loss):
-                raise InputError(
-                    f"training diverged in epoch {epoch} (loss {train_loss}); lower the learning rate"
-                )
+                take_step(loss.detach(), batch_index.shape[0], tally)
+                progress_state.step += 1
+                if progress_state.step % _CHECK_EVERY == 0:
+                    check_divergence()
+            check_divergence()
+            loss_sum, points, skipped = tally[:3].tolist()
+            train_loss = loss_sum / points if points else math.nan
+            seconds = progress_state.epoch_seconds + time.perf_counter() - start
             valid_elbo = math.nan
             if valid_x is not None:
                 _set_train(model, guide, False)
@@ -248,12 +357,111 @@ def fit(
                     "beta": getattr(objective, "beta", math.nan),
                     "valid_elbo": valid_elbo,
                     "seconds": seconds,
+                    "skipped_steps": int(skipped),
+                    "restorations": progress_state.restorations,
+                    "lr": optimizer.param_groups[0]["lr"],
                 }
                 | report
             )
+            order = None
+            progress_state.epoch, progress_state.batch, progress_state.epoch_seconds = epoch, 0, 0.0
+            last_good = _snapshot(model, guide, optimizer, params)
+            if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+                write_checkpoint()
             bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}", **{k: f"{v:.4g}" for k, v in report.items()})
     _set_train(model, guide, False)
     return FitResult(model, guide if guide is not no_guide else None, pd.DataFrame(rows), objective)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C or SIGTERM after writing its state to ``checkpoint``."""
+
+    def __init__(self, checkpoint: Path | None, epoch: int, batch: int, batches: int, signum: int) -> None:
+        super().__init__(f"interrupted in epoch {epoch} after batch {batch} of {batches}")
+        self.checkpoint, self.epoch, self.batch, self.batches, self.signum = checkpoint, epoch, batch, batches, signum
+
+
+def _step_function(optimizer: torch.optim.Optimizer, params: list[Tensor], clip_grad_norm: float | None):
+    """The optimizer step that skips non-finite losses and gradients, without a host sync.
+
+    Fused Adam takes a ``found_inf`` flag (the one torch's GradScaler sets) and leaves parameters,
+    moments and step count untouched when it is set, so the decision stays on the device.
+    Another optimizer needs the flag on the host.
+    """
+    fused = bool(optimizer.defaults.get("fused"))
+
+    def take_step(loss: Tensor, batch_points: int, tally: Tensor) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=loss.device)
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, norm, foreach=True)
+        if fused:
+            optimizer.found_inf = (~finite).float()
+            optimizer.step()
+        elif finite.item():
+            optimizer.step()
+        bad = (~finite).double()
+        tally[:3] += torch.stack([torch.where(finite, loss.double(), 0.0), finite * float(batch_points), bad])
+        tally[3].add_(1).mul_(bad)  # length of the current run of skipped steps
+        torch.maximum(tally[4], tally[3], out=tally[4])
+
+    return take_step
+
+
+def _snapshot(model: Any, guide: Any, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> dict[str, Any]:
+    """A copy of everything a restoration puts back: module state, parameters, optimizer state."""
+    return copy.deepcopy({
+        "modules": [m.state_dict() if isinstance(m, nn.Module) else None for m in (model, guide)],
+        "params": [p.detach() for p in params],
+        "optimizer": optimizer.state_dict(),
+    })
+
+
+def _restore(snapshot: dict[str, Any], model: Any, guide: Any, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
+    # Copies again: Adam's load_state_dict keeps the given tensors, which the steps then update in place.
+    snapshot = copy.deepcopy(snapshot)
+    for module, state in zip((model, guide), snapshot["modules"], strict=True):
+        if state is not None:
+            module.load_state_dict(state)
+    with torch.no_grad():
+        for p, saved in zip(params, snapshot["params"], strict=True):
+            p.copy_(saved)
+    optimizer.load_state_dict(snapshot["optimizer"])
+
+
+class _StopRequest:
+    signal: int | None = None
+
+
+@contextmanager
+def _deferred_stop(enabled: bool) -> Iterator[_StopRequest]:
+    """Turn Ctrl-C and SIGTERM into a request that the loop honours between steps.
+
+    A signal in the middle of a step would leave it half done (gradients computed, parameters
+    not updated); deferring it to the next batch boundary lets the loop write a consistent
+    checkpoint first. A second signal interrupts at once.
+    """
+    request = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signal is not None:
+            raise KeyboardInterrupt
+        request.signal = signum
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _as_json(values: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values, default=repr))
 
 
 def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:

@@ -28,7 +28,7 @@ def test_training_improves_the_validation_elbo(digits):
     model, guide = small_vae()
     valid = load_dataset("digits", "valid", binarize="dynamic")
     history = fit(model, guide, digits, epochs=15, valid=valid, progress=False).history
-    assert list(history.columns) == ["epoch", "train_loss", "beta", "valid_elbo", "seconds"]
+    assert list(history.columns) == ["epoch", "train_loss", "beta", "valid_elbo", "seconds", "skipped_steps", "restorations", "lr"]
     assert len(history) == 15
     assert history["valid_elbo"].iloc[-1] > history["valid_elbo"].iloc[0] + 5
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
