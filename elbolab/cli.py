@@ -15,10 +15,11 @@ from __future__ import annotations
 __all__ = ["build_parser", "main"]
 
 import argparse
+import dataclasses
 import math
 import shutil
+import signal
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -57,16 +58,26 @@ from elbolab.inference import (
 from elbolab.inference.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
+    WEIGHTS_FILE,
     build_run_guide,
     build_run_model,
-    read_json,
-    write_json,
+    unfinished_run,
 )
-from elbolab.inference.objectives import OBJECTIVES, Reconstruction, parse_objective_spec
+from elbolab.inference.fit import TrainingInterrupted
+from elbolab.inference.objectives import (
+    OBJECTIVES,
+    Reconstruction,
+    get_objective,
+    parse_objective_spec,
+)
+from elbolab.inference.storage import atomic_write, read_json, write_json
+from elbolab.inference.training_state import CHECKPOINT_FILE, read_checkpoint
 from elbolab.models import LIKELIHOODS, ConditionalVAE, as_condition
 from elbolab.models.vae import MODEL_NAMES
 from elbolab.models.vqvae import code_usage
 from elbolab.nn import ACTIVATIONS
+
+COMPARISON_FILE = "comparison.csv"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,6 +186,15 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--epochs": ("fit", "epochs", {"type": _positive_int, "help": "default 10"}),
     "--batch-size": ("fit", "batch_size", {"type": _positive_int, "help": "default 128"}),
     "--lr": ("fit", "lr", {"type": _float, "help": "Adam learning rate (default 1e-3)"}),
+    "--clip-grad-norm": ("fit", "clip_grad_norm", {"type": _float, "metavar": "NORM",
+                         "help": "rescale each gradient to at most this Euclidean norm (default: no clipping)"}),
+    "--max-bad-steps": ("fit", "max_bad_steps", {"type": _positive_int, "metavar": "N",
+                        "help": "a step with a non-finite loss or gradient is skipped; after N in a row the last good "
+                        "state (end of the last epoch) is restored and the learning rate halved (default 10)"}),
+    "--max-restorations": ("fit", "max_restorations", {"type": _non_negative_int, "metavar": "N",
+                           "help": "stop, keeping the last checkpoint, after N restorations (default 3)"}),
+    "--checkpoint-every": ("fit", "checkpoint_every", {"type": _positive_int, "metavar": "EPOCHS",
+                           "help": "epochs between training checkpoints, which --resume continues from (default 1)"}),
     "--seed": ("fit", "seed", {"type": int, "help": "seed of initialisation, data order and sampling (default 0)"}),
     "--device": ("fit", "device", {"metavar": "DEV", "help": "auto, cpu, cuda or cuda:N (default auto)"}),
 }
@@ -213,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(fit_parser)
     fit_parser.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/DATA-MODEL[-GUIDE]-OBJECTIVE-seedN)")
     fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    fit_parser.add_argument("--resume", type=Path, metavar="RUN",
+                            help="continue the run in RUN from its checkpoint, with the options it was started with "
+                            "(only --epochs, to train longer, --device and --data-dir may be given)")
     fit_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
     compare_parser = commands.add_parser(
@@ -225,15 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(name for name in OBJECTIVES if name != "reconstruction") + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compare_parser.add_argument("--objectives", required=True, metavar="SPEC[,SPEC...]",
+    compare_parser.add_argument("--objectives", metavar="SPEC[,SPEC...]",
                                 help="objectives to compare, e.g. elbo,iwae:k=5,renyi:alpha=0.5:k=5")
-    compare_parser.add_argument("--seeds", type=_seeds, default=[0], metavar="S[,S...]", help="seeds (default 0)")
-    compare_parser.add_argument("--num-samples", type=_positive_int, default=5000, metavar="K",
+    compare_parser.add_argument("--seeds", type=_seeds, metavar="S[,S...]", help="seeds (default 0)")
+    compare_parser.add_argument("--num-samples", type=_positive_int, metavar="K",
                                 help="importance samples for the test log-likelihood (default 5000)")
     # Objectives and seeds come from --objectives and --seeds; beta and warm-up are not compared.
     _add_config_flags(compare_parser, skip=("--objective", "--particles", "--beta", "--warmup", "--seed"))
     compare_parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default runs/compare-DATA)")
     compare_parser.add_argument("--overwrite", action="store_true", help="replace what is in --out")
+    compare_parser.add_argument("--resume", type=Path, metavar="OUT",
+                                help="continue the comparison in OUT: finished runs are read back, unfinished ones "
+                                "continue from their checkpoints (only --epochs, --device and --data-dir may be given)")
     compare_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
     evaluate_parser = commands.add_parser(
@@ -304,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"elbolab {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except _Stopped as stopped:
+        print(f"elbolab {args.command}: interrupted by {stopped}", file=sys.stderr)
+        return stopped.status
     except KeyboardInterrupt:
         print(f"elbolab {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -344,10 +373,20 @@ def check_likelihood(likelihood: str, data: Dataset) -> None:
         raise InputError(f"the continuous-bernoulli likelihood needs data in [0, 1]; {data.name} is not")
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        what = "holds a run" if (out / CONFIG_FILE).exists() else "exists and is not an empty folder"
-        raise InputError(f"{out} {what}; pass --overwrite to replace it, or choose another --out")
+def _refuse_existing(out: Path, overwrite: bool, command: str) -> None:
+    """Refuse an output that already holds something, unless ``--overwrite``; say how to resume an unfinished run."""
+    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise InputError(f"{out} is a file, not a folder; choose another --out")
+    unfinished = unfinished_run(out) if command == "fit" else (
+        "holds an unfinished comparison" if (out / CONFIG_FILE).exists() and not (out / COMPARISON_FILE).exists() else None
+    )
+    if unfinished:
+        raise InputError(f"{out} {unfinished}; continue it with: elbolab {command} --resume {out} (or pass --overwrite "
+                         "to start again)")
+    what = "holds a run" if (out / CONFIG_FILE).exists() else "exists and is not an empty folder"
+    raise InputError(f"{out} {what}; pass --overwrite to replace it, or choose another --out")
 
 
 def _training_data(config: RunConfig) -> tuple[Dataset, Dataset | None]:
@@ -380,29 +419,29 @@ def _new_model_and_guide(config: RunConfig, train: Dataset) -> tuple[Any, Any]:
     return model, build_run_guide(config, model)
 
 
-def _publish(out: Path, write: Any) -> None:
-    """Run ``write(folder)`` on a temporary folder beside ``out``, then move it into place.
+class _Stopped(Exception):
+    """Training was interrupted after saving its state; the message says how to continue."""
 
-    A failure or an interruption never leaves a half-written output folder.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        write(staging)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _interrupted(stop: TrainingInterrupted, resume_command: str) -> _Stopped:
+    signal_name = signal.Signals(stop.signum).name
+    return _Stopped(f"{signal_name}: {stop}; the training state is in {stop.checkpoint}; "
+                    f"continue with: {resume_command}", 128 + stop.signum)
 
 
 def _fit(args: argparse.Namespace) -> None:
-    config = _run_config(args)
+    resuming = args.resume is not None
+    config = _resumed_fit_config(args) if resuming else _run_config(args)
     fc: FitConfig = config.fit
     name, options = parse_objective_spec(fc.objective)
     family = "" if config.guide.family in ("gaussian", "none", "nearest-code") else f"-{config.guide.family}"
-    out = args.out or Path("runs") / f"{config.data.name}-{config.model.name}{family}-{name}-seed{fc.seed}"
-    _refuse_existing(out, args.overwrite)
+    out = args.resume or args.out or Path("runs") / f"{config.data.name}-{config.model.name}{family}-{name}-seed{fc.seed}"
+    if not resuming:
+        _refuse_existing(out, args.overwrite, "fit")
     if config.model.name == "autoencoder" and name != "reconstruction":
         raise InputError("the autoencoder has no latent variables and no ELBO: use --objective reconstruction")
     if config.model.name == "vqvae" and name != "elbo":
@@ -416,68 +455,147 @@ def _fit(args: argparse.Namespace) -> None:
     train, valid = _training_data(config)
     pyro.set_rng_seed(fc.seed)
     model, guide = _new_model_and_guide(config, train)
+    if not resuming and out.exists():  # --overwrite, and every input has been checked
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     start = time.perf_counter()
-    result = fit(
-        model, guide, train, objective=name, epochs=fc.epochs, batch_size=fc.batch_size, lr=fc.lr,
-        beta=fc.beta, warmup_epochs=fc.warmup, valid=valid, device=device, seed=fc.seed,
-        progress=False if args.quiet else None, args=_conditions(config, train),
-        valid_args=_conditions(config, valid), **options,
-    )
+    try:
+        result = fit(
+            model, guide, train, objective=name, epochs=fc.epochs, batch_size=fc.batch_size, lr=fc.lr,
+            beta=fc.beta, warmup_epochs=fc.warmup, valid=valid, device=device, seed=fc.seed,
+            progress=False if args.quiet else None, args=_conditions(config, train),
+            valid_args=_conditions(config, valid), clip_grad_norm=fc.clip_grad_norm,
+            max_bad_steps=fc.max_bad_steps, max_restorations=fc.max_restorations,
+            checkpoint=out / CHECKPOINT_FILE, checkpoint_every=fc.checkpoint_every, resume=resuming,
+            checkpoint_metadata=config.to_dict(), **options,
+        )
+    except TrainingInterrupted as stop:
+        raise _interrupted(stop, f"elbolab fit --resume {out}") from None
     seconds = time.perf_counter() - start
-
-    def write(folder: Path) -> None:
-        save_run(folder, config, model, guide, result.history)
-        _fit_figures(folder, config, model, guide, valid if valid is not None else train)
-
-    _publish(out, write)
+    try:
+        _fit_figures(out, config, model, guide, result.history, valid if valid is not None else train)
+        save_run(out, config, model, guide, result.history)  # weights last: the run is finished once they are there
+    except KeyboardInterrupt:
+        raise _Stopped(f"SIGINT: training finished but {out} was not fully written; "
+                       f"finish it with: elbolab fit --resume {out}", 130) from None
     if not args.quiet:
         last = result.history.iloc[-1]
         valid_text = f", validation ELBO {last['valid_elbo']:.3f}" if not math.isnan(last["valid_elbo"]) else ""
-        print(f"{out}: {fc.epochs} epochs in {seconds:.1f} s on {device}, training loss {last['train_loss']:.3f}{valid_text} nats/point")
+        skipped = int(result.history["skipped_steps"].sum())
+        skipped_text = f"; {skipped} non-finite steps skipped, {int(last['restorations'])} restorations" if skipped else ""
+        print(f"{out}: {fc.epochs} epochs ({seconds:.1f} s in this session) on {device}, training loss "
+              f"{last['train_loss']:.3f}{valid_text} nats/point{skipped_text}")
+
+
+# Options a resumed run may change: they alter neither the model nor the optimization already done.
+RESUME_FLAGS = ("--epochs", "--device", "--data-dir")
+
+
+def _refuse_options_on_resume(args: argparse.Namespace) -> None:
+    changed = [flag for flag, (section, name, _) in FIT_FLAGS.items()
+               if f"{section}.{name}" in vars(args) and flag not in RESUME_FLAGS]
+    changed += [flag for flag in ("--config", "--out", "--objectives", "--seeds", "--num-samples")
+                if getattr(args, flag.lstrip("-").replace("-", "_"), None) not in (None, False)]
+    changed += ["--overwrite"] if args.overwrite else []
+    if changed:
+        raise InputError(
+            f"--resume continues with the options the run was started with; {changed[0]} cannot be given "
+            f"with it (only {', '.join(RESUME_FLAGS)})"
+        )
+
+
+def _with_resume_flags(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    given = vars(args)
+    if "fit.epochs" in given:
+        config.fit = dataclasses.replace(config.fit, epochs=given["fit.epochs"])
+    if "fit.device" in given:
+        config.fit = dataclasses.replace(config.fit, device=given["fit.device"])
+    if "data.data_dir" in given:
+        config.data.data_dir = given["data.data_dir"]
+    return config
+
+
+def _resumed_fit_config(args: argparse.Namespace) -> RunConfig:
+    """The config of the run in ``--resume``, read from its checkpoint, with the flags a resume may change."""
+    _refuse_options_on_resume(args)
+    run = args.resume
+    if not run.is_dir():
+        raise InputError(f"{run}: no such run folder")
+    checkpoint = run / CHECKPOINT_FILE
+    if not checkpoint.exists():
+        raise InputError(f"{run}: no {CHECKPOINT_FILE} to resume from (it is written after the first epoch)")
+    _, training = read_checkpoint(checkpoint)
+    config = _with_resume_flags(RunConfig.from_dict(training["metadata"], source=f"{checkpoint} (its run config)"), args)
+    done = training["progress"]["epoch"]
+    if (run / WEIGHTS_FILE).exists() and done >= config.fit.epochs:
+        raise InputError(f"{run} has finished its {done} epochs; pass --epochs N with N > {done} to train it longer")
+    return config
+
+
+def _resumed_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[int], int]:
+    _refuse_options_on_resume(args)
+    raw = read_json(args.resume / CONFIG_FILE)
+    try:
+        specs, seeds, num_samples = raw.pop("objectives"), raw.pop("seeds"), raw.pop("num_samples")
+    except KeyError as missing:
+        raise InputError(f"{args.resume / CONFIG_FILE}: not a comparison's config ({missing} is missing)") from None
+    config = _with_resume_flags(RunConfig.from_dict(raw, source=str(args.resume / CONFIG_FILE)), args)
+    return config, list(specs), list(seeds), int(num_samples)
 
 
 def _compare(args: argparse.Namespace) -> None:
-    config = _run_config(args)
+    resuming = args.resume is not None
+    if resuming:
+        config, specs, seeds, num_samples = _resumed_comparison(args)
+    else:
+        config = _run_config(args)
+        if not args.objectives:
+            raise InputError("compare needs --objectives, e.g. --objectives elbo,iwae:k=5 (or --resume OUT)")
+        specs = [spec for spec in args.objectives.split(",") if spec.strip()]
+        seeds, num_samples = args.seeds or [0], args.num_samples or 5000
     fc: FitConfig = config.fit
     if config.model.name in ("autoencoder", "vqvae"):
         raise InputError(
             f"the {config.model.name} has no objectives to compare (no ELBO, or a one-hot posterior); use another --model"
         )
-    specs = [spec for spec in args.objectives.split(",") if spec.strip()]
-    seeds = args.seeds
     for spec in specs:
-        parse_objective_spec(spec)
-    out = args.out or Path("runs") / f"compare-{config.data.name}"
-    _refuse_existing(out, args.overwrite)
+        spec_name, spec_options = parse_objective_spec(spec)
+        get_objective(spec_name, **spec_options)
+    out = args.resume or args.out or Path("runs") / f"compare-{config.data.name}"
+    if not resuming:
+        _refuse_existing(out, args.overwrite, "compare")
     train, valid = _training_data(config)
     test = config.data.load("test")
-    comparison = compare_runs(
-        lambda: _new_model_and_guide(config, train)[0], lambda model: build_run_guide(config, model),
-        train, objectives=specs, seeds=seeds, test=test, valid=valid, epochs=fc.epochs,
-        batch_size=fc.batch_size, lr=fc.lr, num_samples=args.num_samples, device=fc.device,
-        progress=False if args.quiet else None, args=_conditions(config, train),
-        valid_args=_conditions(config, valid), test_args=_conditions(config, test),
-    )
+    if not resuming:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.mkdir(parents=True)
+        write_json(out / CONFIG_FILE, config.to_dict() | {"objectives": specs, "seeds": list(seeds), "num_samples": num_samples})
+    try:
+        comparison = compare_runs(
+            lambda: _new_model_and_guide(config, train)[0], lambda model: build_run_guide(config, model),
+            train, objectives=specs, seeds=seeds, test=test, valid=valid, epochs=fc.epochs,
+            batch_size=fc.batch_size, lr=fc.lr, num_samples=num_samples, device=fc.device,
+            progress=False if args.quiet else None, args=_conditions(config, train),
+            valid_args=_conditions(config, valid), test_args=_conditions(config, test),
+            folder=out / "runs", checkpoint_every=fc.checkpoint_every, clip_grad_norm=fc.clip_grad_norm,
+            max_bad_steps=fc.max_bad_steps, max_restorations=fc.max_restorations,
+        )
+    except TrainingInterrupted as stop:
+        raise _interrupted(stop, f"elbolab compare --resume {out}") from None
     summary = summarize(comparison.table)
-    markdown = to_markdown(summary, args.num_samples)
-
-    def write(folder: Path) -> None:
-        write_json(folder / CONFIG_FILE, config.to_dict() | {"objectives": specs, "seeds": list(seeds),
-                                                            "num_samples": args.num_samples})
-        comparison.table.to_csv(folder / "comparison.csv", index=False)
-        comparison.histories.to_csv(folder / "histories.csv", index=False)
-        (folder / "summary.md").write_text(markdown)
-        plot_comparison_curves(comparison.histories, folder / "learning_curves.png")
-        plot_comparison_summary(summary, folder / "log_likelihood.png", args.num_samples)
-
-    _publish(out, write)
+    markdown = to_markdown(summary, num_samples)
+    atomic_write(out / "histories.csv", comparison.histories.to_csv(index=False).encode())
+    atomic_write(out / "summary.md", markdown.encode())
+    plot_comparison_curves(comparison.histories, out / "learning_curves.png")
+    plot_comparison_summary(summary, out / "log_likelihood.png", num_samples)
+    atomic_write(out / COMPARISON_FILE, comparison.table.to_csv(index=False).encode())  # last: the comparison is finished
     if not args.quiet:
         print(f"{out}: {config.data.name}, {fc.epochs} epochs, nats per test point, mean ± s.e. over seeds")
         print(markdown, end="")
 
 
-def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, shown: Dataset) -> None:
-    plot_history(pd.read_csv(folder / "history.csv"), folder / "loss_curves.png",
+def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, history: pd.DataFrame, shown: Dataset) -> None:
+    plot_history(history, folder / "loss_curves.png",
                  title=f"{config.model.name} on {config.data.name}, {config.fit.objective}")
     if config.image_shape is None:
         return

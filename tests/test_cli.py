@@ -24,7 +24,8 @@ def fitted_run(tmp_path_factory):
 
 def test_fit_writes_a_complete_run_folder(fitted_run):
     names = sorted(p.name for p in fitted_run.iterdir())
-    assert names == ["config.json", "history.csv", "loss_curves.png", "reconstructions.png", "samples.png", "weights.safetensors"]
+    assert names == ["checkpoint.safetensors", "config.json", "history.csv", "loss_curves.png", "reconstructions.png",
+                     "samples.png", "weights.safetensors"]
     config = json.loads((fitted_run / "config.json").read_text())
     assert config["model"]["hidden"] == [16] and config["fit"]["epochs"] == 2 and config["x_dim"] == 64
     assert len(pd.read_csv(fitted_run / "history.csv")) == 2

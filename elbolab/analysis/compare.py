@@ -7,11 +7,11 @@ data with the same number of importance samples. Differences in the table are th
 
 from __future__ import annotations
 
-__all__ = ["Comparison", "compare", "compare_runs", "summarize", "to_markdown"]
+__all__ = ["Comparison", "compare", "compare_runs", "run_folder_name", "summarize", "to_markdown"]
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -24,6 +24,10 @@ from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference import fit, importance_estimate, resolve_device
 from elbolab.inference.objectives import get_objective, parse_objective_spec
+from elbolab.inference.storage import read_json, write_json
+from elbolab.inference.training_state import CHECKPOINT_FILE
+
+RESULT_FILE = "result.json"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,11 @@ def compare_runs(
     args: Sequence[Tensor] = (),
     valid_args: Sequence[Tensor] = (),
     test_args: Sequence[Tensor] = (),
+    folder: str | Path | None = None,
+    checkpoint_every: int = 1,
+    clip_grad_norm: float | None = None,
+    max_bad_steps: int = 10,
+    max_restorations: int = 3,
 ) -> Comparison:
     """Train one model/guide pair under several objectives and seeds; evaluate each on ``test``.
 
@@ -68,11 +77,18 @@ def compare_runs(
         objectives: spec strings, e.g. ``["elbo", "iwae:k=5", "renyi:alpha=0.5:k=5"]``.
         seeds: one run per objective and seed; a seed fixes initialisation, data order and samples.
         test: evaluation data; ``valid``: optional data for per-epoch validation ELBO curves.
-        epochs, batch_size, lr, device: as in :func:`~elbolab.inference.fit`.
+        epochs, batch_size, lr, device, clip_grad_norm, max_bad_steps, max_restorations: as in
+            :func:`~elbolab.inference.fit`.
         num_samples: importance samples for the test log-likelihood.
         progress: a progress bar over runs (``None``: only on a terminal).
         args, valid_args, test_args: further per-data-point tensors for ``data``, ``valid`` and
             ``test`` (e.g. one-hot labels of a conditional VAE), as in :func:`~elbolab.inference.fit`.
+        folder: where each run keeps its training checkpoint (every ``checkpoint_every``
+            epochs) and, once evaluated, its result: ``FOLDER/<objective>-seed<seed>/`` with
+            ``checkpoint.safetensors`` and ``result.json``. Calling again with the same folder
+            reads finished runs back, resumes unfinished ones from their checkpoints (exactly,
+            on CPU) and trains the rest: an interrupted comparison loses at most the epochs
+            since each run's last checkpoint. ``None``: nothing is written.
 
     Returns:
         A :class:`Comparison`. Its ``table`` has one row per objective and seed: ``objective`` (the spec), ``name``, ``options``, ``seed``,
@@ -100,24 +116,49 @@ def compare_runs(
     bar = tqdm(runs, desc="compare", unit="run", disable=None if progress is None else not progress)
     for (spec, name, options), seed in bar:
         bar.set_postfix(objective=spec, seed=seed)
-        pyro.set_rng_seed(seed)
-        model = model_factory()
-        guide = guide_factory(model)
-        start = time.perf_counter()
-        result = fit(model, guide, data, objective=name, epochs=epochs, batch_size=batch_size, lr=lr,
-                     valid=valid, device=device, seed=seed, progress=False, args=args, valid_args=valid_args, **options)
-        seconds = time.perf_counter() - start
-        pyro.set_rng_seed(seed)
-        estimate = importance_estimate(model, guide, test_x, *test_args, num_samples=num_samples)
-        elbo, log_lik = estimate.elbo.mean().item(), estimate.log_likelihood.mean().item()
-        rows.append({
-            "objective": spec, "name": name,
-            "options": ";".join(f"{k}={v}" for k, v in options.items()), "seed": seed,
-            "test_elbo": elbo, "test_log_likelihood": log_lik, "gap": log_lik - elbo,
-            "active_units": active_units(guide, test_x, *test_args), "train_seconds": seconds,
-        })
-        histories.append(result.history.assign(objective=spec, seed=seed))
+        run_folder = Path(folder) / run_folder_name(spec, seed) if folder is not None else None
+        if run_folder is not None and (run_folder / RESULT_FILE).exists():
+            row, history = _read_result(run_folder / RESULT_FILE)
+        else:
+            pyro.set_rng_seed(seed)
+            model = model_factory()
+            guide = guide_factory(model)
+            result = fit(model, guide, data, objective=name, epochs=epochs, batch_size=batch_size, lr=lr,
+                         valid=valid, device=device, seed=seed, progress=False, args=args, valid_args=valid_args,
+                         checkpoint=run_folder / CHECKPOINT_FILE if run_folder is not None else None,
+                         checkpoint_every=checkpoint_every, resume=True, clip_grad_norm=clip_grad_norm,
+                         max_bad_steps=max_bad_steps, max_restorations=max_restorations,
+                         checkpoint_metadata={"objective": spec, "seed": seed}, **options)
+            history = result.history
+            pyro.set_rng_seed(seed)
+            estimate = importance_estimate(model, guide, test_x, *test_args, num_samples=num_samples)
+            elbo, log_lik = estimate.elbo.mean().item(), estimate.log_likelihood.mean().item()
+            row = {
+                "objective": spec, "name": name,
+                "options": ";".join(f"{k}={v}" for k, v in options.items()), "seed": seed,
+                "test_elbo": elbo, "test_log_likelihood": log_lik, "gap": log_lik - elbo,
+                "active_units": active_units(guide, test_x, *test_args),
+                "train_seconds": float(history["seconds"].sum()),  # over every session of a resumed run
+            }
+            if run_folder is not None:
+                run_folder.mkdir(parents=True, exist_ok=True)
+                write_json(run_folder / RESULT_FILE, {"row": row, "history": history.to_dict(orient="list")})
+        rows.append(row)
+        histories.append(history.assign(objective=spec, seed=seed))
     return Comparison(pd.DataFrame(rows), pd.concat(histories, ignore_index=True))
+
+
+def run_folder_name(spec: str, seed: int) -> str:
+    """The sub-folder of one objective and seed: the spec with ``:`` (not allowed on Windows) as ``_``."""
+    return f"{spec.replace(':', '_')}-seed{seed}"
+
+
+def _read_result(path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    payload = read_json(path)
+    try:
+        return dict(payload["row"]), pd.DataFrame(payload["history"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: not a comparison run's result (expected 'row' and 'history')") from None
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:

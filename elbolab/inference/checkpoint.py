@@ -180,8 +180,10 @@ def unfinished_run(path: Path) -> str | None:
         _, training = read_checkpoint(checkpoint)
     except InputError as error:
         return f"holds an unfinished run whose checkpoint cannot be read ({error})"
-    epochs = training["metadata"].get("fit", {}).get("epochs", "?")
-    return f"holds an unfinished run, stopped after epoch {training['progress']['epoch']} of {epochs}"
+    epochs, done = training["metadata"].get("fit", {}).get("epochs", "?"), training["progress"]["epoch"]
+    if done == epochs:
+        return f"holds a run whose {done} epochs of training finished but whose weights were not written"
+    return f"holds an unfinished run, stopped after epoch {done} of {epochs}"
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:

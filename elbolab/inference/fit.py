@@ -36,6 +36,7 @@ from elbolab.errors import InputError
 from elbolab.inference.evaluate import importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
+from elbolab.inference.storage import remove_stale_temporaries
 from elbolab.inference.training_state import Progress, restore_checkpoint, save_checkpoint
 
 # Steps between reads of the skipped-step counters (a host sync on CUDA): divergence is handled
@@ -268,6 +269,8 @@ def fit(
         "dynamic_binarization": dynamic,
     }
     progress_state, loop = Progress(), {}
+    if checkpoint is not None:
+        remove_stale_temporaries(checkpoint)
     if checkpoint is not None and resume and checkpoint.exists():
         progress_state, loop = restore_checkpoint(
             checkpoint, model=model, guide=guide, optimizer=optimizer, params=params, options=options

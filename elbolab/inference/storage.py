@@ -12,7 +12,15 @@ the file. Nothing is unpickled: safetensors holds raw tensors, everything else i
 
 from __future__ import annotations
 
-__all__ = ["FORMAT_VERSION", "atomic_write", "load_tensors", "read_json", "save_tensors", "write_json"]
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_write",
+    "load_tensors",
+    "read_json",
+    "remove_stale_temporaries",
+    "save_tensors",
+    "write_json",
+]
 
 import hashlib
 import json
@@ -45,6 +53,13 @@ def atomic_write(path: str | Path, payload: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete the temporary files a process killed in the middle of :func:`atomic_write` of ``path`` left."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
