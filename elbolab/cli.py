@@ -107,11 +107,24 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed, 0 to 2**32 - 1 (the range every generator elbolab seeds accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**32 - 1}, got {text!r}")
+    return value
+
+
 def _seeds(text: str) -> list[int]:
     try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+        seeds = [_seed(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers from 0 to {2**32 - 1} such as 0,1,2, got {text!r}"
+        ) from None
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds repeat in {text!r}")
     return seeds
@@ -195,7 +208,7 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                            "help": "stop, keeping the last checkpoint, after N restorations (default 3)"}),
     "--checkpoint-every": ("fit", "checkpoint_every", {"type": _positive_int, "metavar": "EPOCHS",
                            "help": "epochs between training checkpoints, which --resume continues from (default 1)"}),
-    "--seed": ("fit", "seed", {"type": int, "help": "seed of initialisation, data order and sampling (default 0)"}),
+    "--seed": ("fit", "seed", {"type": _seed, "help": "seed of initialisation, data order and sampling (default 0)"}),
     "--device": ("fit", "device", {"metavar": "DEV", "help": "auto, cpu, cuda or cuda:N (default auto)"}),
 }
 
@@ -272,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--split", choices=["test", "valid", "train"], default="test", help="default test")
     evaluate_parser.add_argument("--data-dir", metavar="DIR", help="where the data set's files are now, if moved")
     evaluate_parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
-    evaluate_parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
+    evaluate_parser.add_argument("--seed", type=_seed, default=0, help="seed of the importance samples (default 0)")
     evaluate_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
     diagnose_parser = commands.add_parser(
@@ -303,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default 500; its size grows as draws x points x data width)")
     diagnose_parser.add_argument("--data-dir", metavar="DIR", help="where the data set's files are now, if moved")
     diagnose_parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
-    diagnose_parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    diagnose_parser.add_argument("--seed", type=_seed, default=0, help="seed of the draws (default 0)")
     diagnose_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
     sample_parser = commands.add_parser(
@@ -314,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample_parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
     sample_parser.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    sample_parser.add_argument("--seed", type=int, default=0, help="default 0")
+    sample_parser.add_argument("--seed", type=_seed, default=0, help="default 0")
     sample_parser.add_argument("--label", type=_non_negative_int, metavar="C",
                                help="cvae runs: draw samples of class C (default: n/classes samples of each class)")
     sample_parser.add_argument("--out", type=Path, metavar="FILE", help="output file (default RUN/samples.png, or .csv for non-image data)")

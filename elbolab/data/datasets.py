@@ -416,14 +416,16 @@ def _load_frey_faces(split: str, data_dir: Path | None) -> tuple[np.ndarray, Non
     image's pixels row by row, so the rows of ``ff.T`` are row-major 28x20 images.
     """
     from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
 
     path = _find_file("frey-faces", "frey_rawface.mat", _search_dirs("frey-faces", data_dir))
     try:
         # loadmat builds arrays and never unpickles; a gzipped copy is gunzipped in memory.
         contents = loadmat(io.BytesIO(_read_bytes(path)), variable_names=["ff"])
-    except (MatReadError, ValueError, TypeError, NotImplementedError, OSError) as error:
-        raise InputError(f"{path}: not a readable MATLAB v5 file: {error}") from None
+    except InputError:
+        raise
+    except Exception as error:  # scipy's parser fails on corrupt bytes in many ways (IndexError, struct.error, ...)
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise InputError(f"{path}: not a readable MATLAB v5 file, truncated or corrupted ({reason})") from None
     ff = contents.get("ff")
     pixels = FREY_SHAPE[0] * FREY_SHAPE[1]
     if not isinstance(ff, np.ndarray) or ff.ndim != 2 or ff.shape[0] != pixels:

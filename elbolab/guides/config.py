@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from elbolab.config import dataclass_from_dict
+from elbolab.config import dataclass_from_dict, is_integer
 from elbolab.errors import InputError, closest_names
 from elbolab.guides.conditional import ConditionalGuide
 from elbolab.guides.flow import FLOWS, FlowGuide
@@ -64,7 +64,7 @@ class GuideConfig:
             raise InputError(f"unknown flow {self.flow!r}; {closest_names(self.flow, FLOWS)}")
         for name in ("components", "flow_depth"):
             value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
+            if not is_integer(value) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elbolab.config import is_integer
 from elbolab.errors import InputError, closest_names
 from elbolab.nn import mlp
 
@@ -117,7 +118,7 @@ class FlowGuide(nn.Module):
         super().__init__()
         if flow not in FLOWS:
             raise InputError(f"FlowGuide: unknown flow {flow!r}; {closest_names(flow, FLOWS)}")
-        if isinstance(depth, bool) or int(depth) != depth or depth < 1:
+        if not is_integer(depth) or depth < 1:
             raise InputError(f"FlowGuide: depth must be a positive integer, got {depth}")
         if flow in _PERMUTED and z_dim < 2:
             raise InputError(f"FlowGuide: the {flow} flow needs z_dim of 2 or more, got {z_dim}")

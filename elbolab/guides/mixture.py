@@ -22,6 +22,7 @@ import pyro
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elbolab.config import is_integer
 from elbolab.distributions import DiagonalGaussianMixture
 from elbolab.errors import InputError
 from elbolab.nn import mlp
@@ -55,7 +56,7 @@ class MixtureGuide(nn.Module):
         min_scale: float = 1e-4,
     ) -> None:
         super().__init__()
-        if isinstance(components, bool) or int(components) != components or components < 1:
+        if not is_integer(components) or components < 1:
             raise InputError(f"MixtureGuide: components must be a positive integer, got {components}")
         self.trunk = mlp(x_dim, tuple(hidden), None, activation)
         width = hidden[-1] if hidden else x_dim

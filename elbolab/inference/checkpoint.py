@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from elbolab.config import is_integer
 from elbolab.data import DataConfig
 from elbolab.errors import InputError, closest_names
 from elbolab.guides import GuideConfig
@@ -79,6 +80,15 @@ class RunConfig:
     y_dim: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("x_dim", "y_dim"):
+            value = getattr(self, name)
+            if value is not None and not (is_integer(value) and value >= 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        shape = self.image_shape
+        if shape is not None and not (
+            len(shape) == 2 and all(is_integer(v) and v >= 1 for v in shape) and shape[0] * shape[1] == self.x_dim
+        ):
+            raise InputError(f"image_shape must be two positive integers whose product is x_dim ({self.x_dim}), got {shape!r}")
         families = MODEL_GUIDES[self.model.name]
         if self.model.name == "autoencoder":
             self.guide.family = "none"  # it has no latents: any guide option is moot
@@ -107,7 +117,8 @@ class RunConfig:
         raw = dict(raw)
         version = raw.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise InputError(f"{source}: format version {version} is not supported (this elbolab reads {FORMAT_VERSION})")
+            newer = "newer than this elbolab reads; upgrade elbolab to read it" if is_integer(version) and version > FORMAT_VERSION else "not supported"
+            raise InputError(f"{source}: format version {version!r} is {newer} (this elbolab reads {FORMAT_VERSION})")
         sections = {"data": DataConfig, "model": ModelConfig, "guide": GuideConfig, "fit": FitConfig}
         shapes = ("x_dim", "image_shape", "y_dim")
         unknown = set(raw) - set(sections) - set(shapes)
@@ -119,6 +130,8 @@ class RunConfig:
             for name, section_cls in sections.items()
         }
         image_shape = raw.get("image_shape")
+        if image_shape is not None and not isinstance(image_shape, list):
+            raise InputError(f"{source}: image_shape must be a list [height, width], got {image_shape!r}")
         return cls(
             **built, x_dim=raw.get("x_dim"), image_shape=tuple(image_shape) if image_shape else None, y_dim=raw.get("y_dim")
         )
@@ -199,7 +212,13 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     unfinished = unfinished_run(path)
     if unfinished:
         raise InputError(f"{path} {unfinished}; finish it with: elbolab fit --resume {path}")
-    config = RunConfig.from_dict(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+    config_path = path / CONFIG_FILE
+    try:
+        config = RunConfig.from_dict(read_json(config_path), source=str(config_path))
+    except InputError as error:
+        if str(config_path) in str(error):
+            raise
+        raise InputError(f"{config_path}: {error}") from None
     if config.x_dim is None:
         raise InputError(f"{path / CONFIG_FILE}: x_dim is missing; was this run fitted?")
     model = build_run_model(config, config.x_dim)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 __all__ = ["ELBO"]
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributions import kl_divergence
 
+from elbolab.config import is_integer, is_real
 from elbolab.errors import InputError
 from elbolab.inference.traces import (
     detached_guide_trace,
@@ -65,9 +65,9 @@ class ELBO(pyro.infer.ELBO):
         max_plate_nesting: int | None = None,
         stick_the_landing: bool = False,
     ) -> None:
-        if int(num_particles) != num_particles or num_particles < 1:
+        if not is_integer(num_particles) or num_particles < 1:
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
-        if not math.isfinite(beta) or beta < 0:
+        if not is_real(beta) or beta < 0:
             raise InputError(f"beta must be finite and >= 0, got {beta}")
         super().__init__(num_particles=int(num_particles), vectorize_particles=True)
         self.analytic_kl = analytic_kl

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from elbolab.config import is_integer
 from elbolab.errors import InputError
 from elbolab.inference.traces import log_weights_per_point, max_plate_nesting, run_traced
 
@@ -133,7 +134,7 @@ def _weight_chunks(
     Batches of points come in order; within a batch, chunks of samples, ``last`` on its final one.
     Chunks keep memory bounded by :data:`CHUNK_ELEMENTS`; the particles of a chunk are vectorized.
     """
-    if int(num_samples) != num_samples or num_samples < 1:
+    if not is_integer(num_samples) or num_samples < 1:
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     num_points = x.shape[0]
     if num_points == 0:

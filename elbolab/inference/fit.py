@@ -30,7 +30,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from elbolab.config import dataclass_from_dict
+from elbolab.config import dataclass_from_dict, is_integer, is_real
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference.evaluate import importance_estimate
@@ -76,18 +76,20 @@ class FitConfig:
     def __post_init__(self) -> None:
         for name in ("particles", "epochs", "batch_size", "max_bad_steps", "checkpoint_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
+            if not is_integer(value) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value}")
-        if isinstance(self.warmup, bool) or int(self.warmup) != self.warmup or self.warmup < 0:
+        if not is_integer(self.seed) or not 0 <= self.seed < 2**32:
+            raise InputError(f"seed must be an integer from 0 to 2**32 - 1, got {self.seed}")
+        if not is_integer(self.warmup) or self.warmup < 0:
             raise InputError(f"warmup must be a non-negative number of epochs, got {self.warmup}")
-        if not math.isfinite(self.beta) or self.beta < 0:
+        if not is_real(self.beta) or self.beta < 0:
             raise InputError(f"beta must be finite and >= 0, got {self.beta}")
-        if not math.isfinite(self.lr) or self.lr <= 0:
+        if not is_real(self.lr) or self.lr <= 0:
             raise InputError(f"lr must be positive, got {self.lr}")
-        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+        if self.clip_grad_norm is not None and not (is_real(self.clip_grad_norm) and self.clip_grad_norm > 0):
             raise InputError(f"clip_grad_norm must be positive, got {self.clip_grad_norm}")
         restorations = self.max_restorations
-        if isinstance(restorations, bool) or int(restorations) != restorations or restorations < 0:
+        if not is_integer(restorations) or restorations < 0:
             raise InputError(f"max_restorations must be a non-negative integer, got {restorations}")
         resolve_device(self.device)
 

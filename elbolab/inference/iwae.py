@@ -39,6 +39,7 @@ import pyro.infer
 import torch
 from torch import Tensor
 
+from elbolab.config import is_integer
 from elbolab.errors import InputError
 from elbolab.inference.traces import (
     data_plate_dim,
@@ -68,7 +69,7 @@ class IWAE(pyro.infer.ELBO):
     supports_beta = False
 
     def __init__(self, num_particles: int = 5, gradient: str = "standard", max_plate_nesting: int | None = None) -> None:
-        if isinstance(num_particles, bool) or int(num_particles) != num_particles or num_particles < 1:
+        if not is_integer(num_particles) or num_particles < 1:
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
         if gradient not in GRADIENTS:
             raise InputError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")

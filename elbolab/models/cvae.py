@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elbolab.config import is_integer
 from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
@@ -84,7 +85,7 @@ class ConditionalVAE(nn.Module):
         obs_scale: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(y_dim, bool) or int(y_dim) != y_dim or y_dim < 1:
+        if not is_integer(y_dim) or y_dim < 1:
             raise InputError(f"y_dim must be a positive integer, got {y_dim}")
         self.config = ModelConfig("cvae", z_dim, tuple(hidden), likelihood, activation, obs_scale)
         self.x_dim, self.y_dim, self.z_dim = x_dim, int(y_dim), z_dim

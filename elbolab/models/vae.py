@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import Tensor, nn
 
-from elbolab.config import dataclass_from_dict
+from elbolab.config import dataclass_from_dict, is_integer, is_real
 from elbolab.distributions import BernoulliRow
 from elbolab.errors import InputError, closest_names
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
@@ -81,7 +81,7 @@ class ModelConfig:
             raise InputError(
                 f"unknown activation {self.activation!r}; {closest_names(self.activation, ACTIVATIONS)}"
             )
-        if self.obs_scale is not None and not self.obs_scale > 0:
+        if self.obs_scale is not None and not (is_real(self.obs_scale) and self.obs_scale > 0):
             raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
         if self.name == "hvae":
             self.z_dims = self.z_dims or (50, 20)
@@ -94,7 +94,7 @@ class ModelConfig:
             _check_positive_int(name, getattr(self, name))
         if self.name == "vqvae" and self.codebook_size < 2:
             raise InputError(f"codebook_size must be at least 2, got {self.codebook_size}")
-        if not (isinstance(self.commitment, (int, float)) and 0 <= self.commitment < float("inf")):
+        if not (is_real(self.commitment) and self.commitment >= 0):
             raise InputError(f"commitment must be a finite number >= 0, got {self.commitment}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,7 +106,7 @@ class ModelConfig:
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+    if not is_integer(value) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
