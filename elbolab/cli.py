@@ -645,11 +645,15 @@ def _samples(model: Any, config: RunConfig, n: int, label: int | None) -> tuple[
         return model.generate(len(labels), y=labels), title, per_class
 
 
-def _evaluation_data(config: RunConfig, args: argparse.Namespace) -> Dataset:
+def _evaluation_data(config: RunConfig, args: argparse.Namespace, run: Path) -> Dataset:
     """The ``--split`` of a run's data set (from ``--data-dir`` when given), one fixed binarization."""
     if args.data_dir:
         config.data.data_dir = args.data_dir
-    return config.data.load(args.split).fixed_binarization(seed=0)
+    data = config.data.load(args.split).fixed_binarization(seed=0)
+    if data.x_dim != config.x_dim:
+        raise InputError(f"the {args.split} split of {data.name} has {data.x_dim} features per point, but {run} was "
+                         f"trained on data with {config.x_dim}")
+    return data
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -657,7 +661,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     rows = []
     for path in args.runs:
         run = load_run(path, device=device)
-        data = _evaluation_data(run.config, args)
+        data = _evaluation_data(run.config, args, path)
         x = data.x.to(device)
         conditions = tuple(c.to(device) for c in _conditions(run.config, data))
         pyro.set_rng_seed(args.seed)
@@ -728,7 +732,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     if run.config.model.name == "cvae":
         raise InputError(f"{args.run} is a cvae: diagnose reads guides of x alone, and a cvae's guide also takes the "
                          "labels; use elbolab evaluate, or importance_diagnostics(model, guide, x, y) from Python")
-    data = _evaluation_data(run.config, args)
+    data = _evaluation_data(run.config, args, args.run)
     rows = torch.arange(data.num_points)
     if args.points and args.points < data.num_points:
         # A random subset: data sets are often sorted by class, so the first N points would not do.

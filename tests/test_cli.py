@@ -131,7 +131,8 @@ def test_compare_writes_the_table_summary_and_figures(tmp_path, capsys):
     assert table["objective"].tolist() == ["elbo", "elbo", "iwae:k=3", "iwae:k=3", "renyi:alpha=-inf:k=3", "renyi:alpha=-inf:k=3"]
     assert (table["gap"] == table["test_log_likelihood"] - table["test_elbo"]).all()
     assert sorted(p.name for p in out.iterdir()) == [
-        "comparison.csv", "config.json", "histories.csv", "learning_curves.png", "log_likelihood.png", "summary.md"]
+        "comparison.csv", "config.json", "histories.csv", "learning_curves.png", "log_likelihood.png", "runs",
+        "summary.md"]
     assert "| iwae:k=3 | 2 |" in (out / "summary.md").read_text()
     assert len(pd.read_csv(out / "histories.csv")) == 6 * 2
 
