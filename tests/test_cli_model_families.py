@@ -29,7 +29,8 @@ def runs(tmp_path_factory):
 def test_fit_writes_the_run_and_evaluate_reloads_it(runs, name):
     run = runs / name
     assert sorted(p.name for p in run.iterdir()) == [
-        "config.json", "history.csv", "loss_curves.png", "reconstructions.png", "samples.png", "weights.safetensors"]
+        "checkpoint.safetensors", "config.json", "history.csv", "loss_curves.png", "reconstructions.png",
+        "samples.png", "weights.safetensors"]
     assert main(["evaluate", str(run), "--num-samples", "10", "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_elbo"] < 0 and metrics["test_reconstruction_loss"] > 0

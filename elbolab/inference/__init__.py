@@ -8,7 +8,7 @@ from elbolab.inference.evaluate import (
     log_importance_weights,
     log_likelihood,
 )
-from elbolab.inference.fit import FitConfig, FitResult, fit, resolve_device
+from elbolab.inference.fit import FitConfig, FitResult, TrainingInterrupted, fit, resolve_device
 from elbolab.inference.objectives import OBJECTIVES, get_objective, register_objective
 from elbolab.inference.schedules import kl_warmup
 
@@ -20,6 +20,7 @@ __all__ = [
     "ImportanceEstimate",
     "Run",
     "RunConfig",
+    "TrainingInterrupted",
     "fit",
     "get_objective",
     "importance_estimate",
