@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     compare_parser.add_argument("--resume", type=Path, metavar="OUT",
                                 help="continue the comparison in OUT: finished runs are read back, unfinished ones "
-                                "continue from their checkpoints (only --epochs, --device and --data-dir may be given)")
+                                "continue from their checkpoints (only --device and --data-dir may be given)")
     compare_parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
     evaluate_parser = commands.add_parser(
@@ -546,6 +546,8 @@ def _resumed_fit_config(args: argparse.Namespace) -> RunConfig:
 
 def _resumed_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[str], list[int], int]:
     _refuse_options_on_resume(args)
+    if "fit.epochs" in vars(args):  # the finished runs would keep their epochs: not a fair comparison
+        raise InputError("compare --resume continues with the comparison's own epochs; --epochs cannot be given with it")
     raw = read_json(args.resume / CONFIG_FILE)
     try:
         specs, seeds, num_samples = raw.pop("objectives"), raw.pop("seeds"), raw.pop("num_samples")

@@ -2,9 +2,11 @@
 
 One loop for every model, guide and objective: shuffle, draw a batch (resampling a
 dynamically binarized batch), take a gradient step with a plain torch optimizer on the module
-parameters. The hot path has no host synchronization: losses are accumulated on the device and
-read once per epoch, validation runs between epochs, and Pyro's argument checks run on the
-first step only (the data were checked once at the boundary).
+parameters. The hot path has no host synchronization: losses and counts of skipped non-finite
+steps are accumulated on the device and read once per epoch (the skip counters also every
+``_CHECK_EVERY`` steps), a non-finite step is skipped inside fused Adam's kernel, validation runs
+between epochs, and Pyro's argument checks run on the first step only (the data were checked
+once at the boundary). Checkpoints and exact resumption are in :mod:`.training_state`.
 """
 
 from __future__ import annotations
