@@ -63,6 +63,12 @@ from elbolab.inference.checkpoint import (
     build_run_model,
     unfinished_run,
 )
+from elbolab.inference.distributed import (
+    environment_rank,
+    environment_world_size,
+    launch,
+    leave_process_group,
+)
 from elbolab.inference.fit import TrainingInterrupted
 from elbolab.inference.objectives import (
     OBJECTIVES,
@@ -248,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     fit_parser.add_argument("--resume", type=Path, metavar="RUN",
                             help="continue the run in RUN from its checkpoint, with the options it was started with "
-                            "(only --epochs, to train longer, --device and --data-dir may be given)")
+                            "(only --epochs, to train longer, --device, --data-dir and --nproc may be given)")
+    fit_parser.add_argument("--nproc", type=_positive_int, default=1, metavar="N",
+                            help="train in N processes on this machine with DistributedDataParallel, one per GPU on "
+                            "CUDA (gloo on CPU): each takes 1/N of every batch (the same as torchrun "
+                            "--standalone --nproc-per-node=N -m elbolab fit ...; default 1)")
     fit_parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
     compare_parser = commands.add_parser(
@@ -336,20 +346,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 a user's mistake)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # Under torchrun every rank runs this; rank 0 speaks for the run, the others only for themselves.
+    rank = environment_rank()
+    prefix = f"elbolab {args.command}: " + (f"rank {rank}: " if rank else "")
     try:
+        if environment_world_size() > 1 and args.command != "fit":
+            raise InputError(f"only fit trains in several processes; run elbolab {args.command} without torchrun")
+        if args.command == "fit" and args.nproc > 1 and environment_world_size() == 1:
+            _plan_fit(args)  # a mistake in the options is one line here, not one per process
+            return launch(args.nproc, _without_nproc(argv))
         commands = {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
         commands[args.command](args)
     except InputError as error:
-        print(f"elbolab {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prefix}error: {error}", file=sys.stderr)
         return 2
     except _Stopped as stopped:
-        print(f"elbolab {args.command}: interrupted by {stopped}", file=sys.stderr)
+        if not rank:
+            print(f"{prefix}interrupted by {stopped}", file=sys.stderr)
         return stopped.status
     except KeyboardInterrupt:
-        print(f"elbolab {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}interrupted", file=sys.stderr)
         return 130
+    finally:
+        leave_process_group()
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``): what each launched process runs."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -446,7 +481,8 @@ def _interrupted(stop: TrainingInterrupted, resume_command: str) -> _Stopped:
                     f"continue with: {resume_command}", 128 + stop.signum)
 
 
-def _fit(args: argparse.Namespace) -> None:
+def _plan_fit(args: argparse.Namespace) -> tuple[RunConfig, Path, str, dict[str, Any]]:
+    """The run's config, its folder, objective name and options; every check that needs no data."""
     resuming = args.resume is not None
     config = _resumed_fit_config(args) if resuming else _run_config(args)
     fc: FitConfig = config.fit
@@ -465,10 +501,23 @@ def _fit(args: argparse.Namespace) -> None:
     if name != "reconstruction":
         options.setdefault("num_particles", fc.particles)
     device = resolve_device(fc.device)
+    nproc = max(args.nproc, environment_world_size())
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise InputError(f"--nproc {nproc} on CUDA needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    return config, out, name, options
+
+
+def _fit(args: argparse.Namespace) -> None:
+    config, out, name, options = _plan_fit(args)
+    fc: FitConfig = config.fit
+    resuming = args.resume is not None
+    world_size = environment_world_size()
+    leader = environment_rank() == 0
+    device = resolve_device(fc.device)
     train, valid = _training_data(config)
     pyro.set_rng_seed(fc.seed)
     model, guide = _new_model_and_guide(config, train)
-    if not resuming and out.exists():  # --overwrite, and every input has been checked
+    if not resuming and out.exists() and leader:  # --overwrite, and every input has been checked
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     start = time.perf_counter()
     try:
@@ -482,8 +531,10 @@ def _fit(args: argparse.Namespace) -> None:
             checkpoint_metadata=config.to_dict(), **options,
         )
     except TrainingInterrupted as stop:
-        raise _interrupted(stop, f"elbolab fit --resume {out}") from None
+        raise _interrupted(stop, f"elbolab fit --resume {out}" + (f" --nproc {world_size}" if world_size > 1 else "")) from None
     seconds = time.perf_counter() - start
+    if not leader:  # rank 0 writes the run folder
+        return
     try:
         _fit_figures(out, config, model, guide, result.history, valid if valid is not None else train)
         save_run(out, config, model, guide, result.history)  # weights last: the run is finished once they are there
@@ -495,7 +546,8 @@ def _fit(args: argparse.Namespace) -> None:
         valid_text = f", validation ELBO {last['valid_elbo']:.3f}" if not math.isnan(last["valid_elbo"]) else ""
         skipped = int(result.history["skipped_steps"].sum())
         skipped_text = f"; {skipped} non-finite steps skipped, {int(last['restorations'])} restorations" if skipped else ""
-        print(f"{out}: {fc.epochs} epochs ({seconds:.1f} s in this session) on {device}, training loss "
+        where = f"{world_size} processes on {device.type}" if world_size > 1 else str(device)
+        print(f"{out}: {fc.epochs} epochs ({seconds:.1f} s in this session) on {where}, training loss "
               f"{last['train_loss']:.3f}{valid_text} nats/point{skipped_text}")
 
 

@@ -35,10 +35,12 @@ from tqdm.auto import tqdm
 from elbolab.config import dataclass_from_dict, is_integer, is_real
 from elbolab.data import Dataset
 from elbolab.errors import InputError
+from elbolab.inference.distributed import ProcessGroup, join_process_group, rank_seed
 from elbolab.inference.evaluate import importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
 from elbolab.inference.storage import remove_stale_temporaries
+from elbolab.inference.traces import DATA_PLATE, sample_sites
 from elbolab.inference.training_state import Progress, restore_checkpoint, save_checkpoint
 
 # Steps between reads of the skipped-step counters (a host sync on CUDA): divergence is handled
@@ -223,6 +225,9 @@ def fit(
               checkpoint_every=checkpoint_every)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     device = resolve_device(device)
+    group = join_process_group(device)  # None unless launched by torchrun with several processes
+    if group is not None:
+        device = group.device
     x, dynamic = _as_matrix(data, "training data")
     valid_x = None
     if valid is not None:
@@ -265,6 +270,11 @@ def fit(
     optimizer = make_adam(params, lr)
     if getattr(objective, "supports_beta", False):
         objective.beta = beta
+    parallel = None
+    if group is not None:
+        parallel = _DataParallelLoss(group, objective, model, guide, params, (first_batch, *(a[:batch_size] for a in args)))
+        pyro.set_rng_seed(rank_seed(seed, group.rank))
+    leader = group is None or group.rank == 0
 
     options = {
         "objective": objective_name, "objective_options": _as_json(objective_kwargs), "batch_size": batch_size,
@@ -273,7 +283,7 @@ def fit(
         "dynamic_binarization": dynamic,
     }
     progress_state, loop = Progress(), {}
-    if checkpoint is not None:
+    if checkpoint is not None and leader:
         remove_stale_temporaries(checkpoint)
     if checkpoint is not None and resume and checkpoint.exists():
         progress_state, loop = restore_checkpoint(
@@ -281,6 +291,8 @@ def fit(
         )
         if progress_state.epoch > epochs:
             raise InputError(f"{checkpoint}: the run has already trained {progress_state.epoch} epochs, more than epochs={epochs}")
+        if group is not None:
+            _restore_rank_generators(group, loop, seed, progress_state.step)
     # Running sums of the epoch, kept on the device so that the step never waits for the host:
     # loss of the finite steps, their data points, skipped steps, current and longest run of skips.
     tally = loop.get("tally", torch.zeros(5, dtype=torch.float64, device=device))
@@ -288,11 +300,23 @@ def fit(
     last_good = _snapshot(model, guide, optimizer, params)
 
     def write_checkpoint() -> None:
-        save_checkpoint(
-            checkpoint, model=model, guide=guide, optimizer=optimizer, params=params, progress=progress_state,
-            loop={"order": order, "tally": tally} if order is not None else {}, options=options,
-            metadata=checkpoint_metadata or {},
-        )
+        state = {"order": order, "tally": tally} if order is not None else {}
+        if group is not None:
+            state |= _rank_generators(group)  # a collective: every rank takes part, rank 0 writes
+        if leader:
+            save_checkpoint(
+                checkpoint, model=model, guide=guide, optimizer=optimizer, params=params, progress=progress_state,
+                loop=state, options=options, metadata=checkpoint_metadata or {},
+            )
+
+    def stop_requested(first_batch_of_session: bool) -> bool:
+        if group is None:
+            return stop.signal is not None
+        # Every rank must stop at the same step; agreeing costs a host sync, so it is done where
+        # the divergence check syncs anyway (torchrun gives workers 30 s after forwarding a signal).
+        if not first_batch_of_session and progress_state.step % _CHECK_EVERY:
+            return False
+        return group.any(stop.signal is not None)
 
     def check_divergence() -> None:
         """Restore the last good state and halve the learning rate after a run of skipped steps."""
@@ -316,32 +340,41 @@ def fit(
     take_step = _step_function(optimizer, params, clip_grad_norm)
     rows = progress_state.history
     bar = tqdm(range(progress_state.epoch + 1, epochs + 1), desc="fit", unit="epoch", initial=progress_state.epoch,
-               total=epochs, disable=None if progress is None else not progress)
+               total=epochs, disable=(None if progress is None else not progress) if leader else True)
     # Argument checks of Pyro and torch.distributions cost a host sync per site (e.g. that
     # Bernoulli data are 0/1); they ran on the first step in _collect_params.
     with pyro.validation_enabled(False), _deferred_stop(enabled=checkpoint is not None) as stop:
         for epoch in bar:
             start = time.perf_counter()
             if order is None:
-                order = torch.randperm(x.shape[0], device=device)
+                order = _epoch_order(x.shape[0], device, group)
                 tally[:3].zero_()  # a run of skipped steps may go on into the new epoch
             batches = order.split(batch_size)
             for index in range(progress_state.batch, len(batches)):
-                if stop.signal is not None:
+                if stop_requested(index == progress_state.batch):
                     progress_state.batch = index
                     progress_state.epoch_seconds += time.perf_counter() - start
                     write_checkpoint()
-                    raise TrainingInterrupted(checkpoint, epoch, index, len(batches), stop.signal)
+                    raise TrainingInterrupted(checkpoint, epoch, index, len(batches), stop.signal or signal.SIGTERM)
                 batch_index = batches[index]
+                if warmup_steps:
+                    objective.beta = kl_warmup(progress_state.step, warmup_steps, beta)
+                points = batch_index.shape[0]
+                if parallel is not None:
+                    if points < group.world_size:  # a last batch too small to give every rank a point
+                        continue
+                    batch_index = group.shard(batch_index)
                 batch = x[batch_index]
                 if dynamic:
                     batch = torch.bernoulli(batch)
-                if warmup_steps:
-                    objective.beta = kl_warmup(progress_state.step, warmup_steps, beta)
-                loss = objective.differentiable_loss(model, guide, batch, *(a[batch_index] for a in args))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                take_step(loss.detach(), batch_index.shape[0], tally)
+                if parallel is None:
+                    loss = objective.differentiable_loss(model, guide, batch, *(a[batch_index] for a in args))
+                    loss.backward()
+                    loss = loss.detach()
+                else:
+                    loss = parallel.loss_and_gradients(batch, *(a[batch_index] for a in args))
+                take_step(loss, points, tally)
                 progress_state.step += 1
                 if progress_state.step % _CHECK_EVERY == 0:
                     check_divergence()
@@ -350,7 +383,7 @@ def fit(
             train_loss = loss_sum / points if points else math.nan
             seconds = progress_state.epoch_seconds + time.perf_counter() - start
             valid_elbo = math.nan
-            if valid_x is not None:
+            if valid_x is not None and leader:  # the history other ranks return lacks it
                 _set_train(model, guide, False)
                 valid_elbo = importance_estimate(model, guide, valid_x, *valid_args, num_samples=1).elbo.mean().item()
                 _set_train(model, guide, True)
@@ -386,6 +419,115 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, checkpoint: Path | None, epoch: int, batch: int, batches: int, signum: int) -> None:
         super().__init__(f"interrupted in epoch {epoch} after batch {batch} of {batches}")
         self.checkpoint, self.epoch, self.batch, self.batches, self.signum = checkpoint, epoch, batch, batches, signum
+
+
+class _DataParallelLoss:
+    """The objective of a global batch, computed across ranks with DistributedDataParallel.
+
+    Each rank computes its slice's loss (a sum over its data points) and back-propagates it
+    times the number of ranks, so that DDP's average of the gradients is the gradient of the
+    global batch's sum. Parameters outside any module (``pyro.param`` sites of a plain Pyro
+    function) are not DDP's: their gradients are averaged by one all-reduce of their own.
+    """
+
+    def __init__(self, group: ProcessGroup, objective: Any, model: Any, guide: Any, params: list[Tensor],
+                 first_batch: tuple[Tensor, ...]) -> None:
+        global_latents = _global_latent_sites(model, first_batch)
+        if global_latents:
+            raise InputError(
+                f"data-parallel training splits the data plate across processes; the model's latent site "
+                f"{global_latents[0]!r} sits outside it (a global latent), whose KL term every rank would count: "
+                "train it in one process"
+            )
+        self.group = group
+        self.wrapper = wrapper = _ObjectiveModule(objective, model, guide)
+        owned = {id(p) for p in wrapper.parameters()}
+        self.loose = [p for p in params if id(p) not in owned]
+        for p in self.loose:  # DDP broadcasts module state from rank 0 when built; these need it too
+            with torch.no_grad():
+                group.broadcast(p.data)
+        self.ddp = None
+        if owned:
+            # DDP's reducer waits for a gradient of every parameter unless told some go unused
+            # (e.g. the decoder of a conditional model's other branch); finding out costs a graph
+            # traversal per step, so it is asked for only when the first batch shows the need.
+            self.ddp = nn.parallel.DistributedDataParallel(
+                wrapper, find_unused_parameters=_has_unused_parameters(wrapper, first_batch)
+            )
+
+    def loss_and_gradients(self, *batch: Tensor) -> Tensor:
+        """Fill every parameter's ``.grad`` with the global batch's gradient; return its loss, the same on every rank."""
+        world = self.group.world_size
+        loss = self.ddp(*batch) if self.ddp is not None else self.wrapper(*batch)
+        (loss * world).backward()
+        if self.loose:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.loose]
+            flat = self.group.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world
+            for p, averaged in zip(self.loose, flat.split([p.numel() for p in self.loose]), strict=True):
+                p.grad = averaged.view_as(p)
+        return self.group.all_reduce_sum(loss.detach().clone())
+
+
+class _ObjectiveModule(nn.Module):
+    """``objective(model, guide, batch)`` as a module's forward, so that DDP can wrap it."""
+
+    def __init__(self, objective: Any, model: Any, guide: Any) -> None:
+        super().__init__()
+        self.objective, self.model, self.guide = objective, model, guide
+
+    def forward(self, *batch: Tensor) -> Tensor:
+        return self.objective.differentiable_loss(self.model, self.guide, *batch)
+
+
+def _has_unused_parameters(module: nn.Module, batch: tuple[Tensor, ...]) -> bool:
+    params = [p for p in module.parameters() if p.requires_grad]
+    state = copy.deepcopy(module.state_dict())  # a trial run must not move e.g. a VQ codebook's averages
+    with torch.random.fork_rng(devices=[p.device for p in params if p.is_cuda][:1]):
+        grads = torch.autograd.grad(module(*batch), params, allow_unused=True)
+    module.load_state_dict(state)
+    return any(g is None for g in grads)
+
+
+def _global_latent_sites(model: Any, batch: tuple[Tensor, ...]) -> list[str]:
+    """Latent sample sites of ``model`` outside the ``"data"`` plate."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        trace = poutine.trace(model).get_trace(*batch)
+    return [
+        name for name, site in sample_sites(trace)
+        if not site["is_observed"] and not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
+    ]
+
+
+def _epoch_order(num_points: int, device: torch.device, group: ProcessGroup | None) -> Tensor:
+    """The epoch's random order of the data points: rank 0's on every rank."""
+    if group is None:
+        return torch.randperm(num_points, device=device)
+    order = torch.randperm(num_points, device=device) if group.rank == 0 else torch.empty(num_points, dtype=torch.long, device=device)
+    return group.broadcast(order)
+
+
+def _rank_generators(group: ProcessGroup) -> dict[str, Tensor]:
+    """Every rank's torch generator states (CPU, and its GPU's), gathered for rank 0's checkpoint."""
+    states = {f"rank.{r}.torch": state for r, state in enumerate(group.gather(torch.get_rng_state()))}
+    if group.device.type == "cuda":
+        cuda = group.gather(torch.cuda.get_rng_state(group.device))
+        states |= {f"rank.{r}.cuda": state for r, state in enumerate(cuda)}
+    return states
+
+
+def _restore_rank_generators(group: ProcessGroup, loop: dict[str, Tensor], seed: int, step: int) -> None:
+    """Put this rank's generators back as the checkpoint recorded them.
+
+    A checkpoint written with fewer processes has no state for this rank: it then starts a
+    stream of its own from its seed and the step.
+    """
+    saved = loop.get(f"rank.{group.rank}.torch")
+    if saved is None:
+        pyro.set_rng_seed((rank_seed(seed, group.rank) + step) % 2**32)
+        return
+    torch.set_rng_state(saved.cpu())
+    if group.device.type == "cuda" and f"rank.{group.rank}.cuda" in loop:
+        torch.cuda.set_rng_state(loop[f"rank.{group.rank}.cuda"].cpu(), group.device)
 
 
 def _step_function(optimizer: torch.optim.Optimizer, params: list[Tensor], clip_grad_norm: float | None):

@@ -7,6 +7,7 @@ A checkpoint is one safetensors file (written atomically by :mod:`elbolab.infere
     optimizer.N.KEY      the optimizer's per-parameter state (Adam's step and moments)
     rng.torch, rng.cuda.N   the generators' states
     loop.order, loop.tally  the unfinished epoch's data order and running sums, when stopped mid-epoch
+    loop.rank.R.torch, loop.rank.R.cuda   each rank's generators, in data-parallel training
 
 and a JSON header entry ``"training"`` with the rest: epochs and batches done, steps taken,
 restorations, the optimizer's hyperparameters (its learning rate after any halving), Python's

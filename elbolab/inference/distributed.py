@@ -1,0 +1,173 @@
+"""Data-parallel training across processes with torch.distributed, as launched by ``torchrun``.
+
+``torchrun --nproc-per-node=N -m elbolab fit ...`` starts N processes and tells each its place
+through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ...).
+:func:`~elbolab.inference.fit` reads it, joins the process group (NCCL on GPUs, gloo on CPU) and
+trains one model with :class:`torch.nn.parallel.DistributedDataParallel`: every rank draws the
+same permutation of the data each epoch (rank 0's, broadcast), takes its contiguous slice of each
+global batch, and the gradients are averaged across ranks. Each rank's loss is its slice's sum
+scaled by the number of ranks, so the averaged gradient is that of the whole global batch's sum:
+N processes with batch B take the steps one process with batch B takes, up to the order of
+floating-point sums and the sampling noise (each rank draws its own, from :func:`rank_seed`).
+
+Rank 0 alone writes run folders and checkpoints; a checkpoint holds every rank's generator
+states, so ``--resume`` continues each rank's noise where it stopped.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ProcessGroup", "environment_rank", "environment_world_size", "join_process_group", "launch", "leave_process_group", "rank_seed"]
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from elbolab.errors import InputError
+
+
+def environment_world_size() -> int:
+    """Processes in this run, as ``torchrun`` sets ``WORLD_SIZE`` (1 when not launched by it)."""
+    return _environment_int("WORLD_SIZE", 1)
+
+
+def environment_rank() -> int:
+    """This process's rank, as ``torchrun`` sets ``RANK`` (0 when not launched by it)."""
+    return _environment_int("RANK", 0)
+
+
+def _environment_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"environment variable {name}={text!r} is not an integer (torchrun sets it)") from None
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s sampling noise: ``seed`` itself on rank 0, a hash of both elsewhere.
+
+    Rank 0 keeps the run's seed, so its data order is that of a single-process run; the other
+    ranks need streams of their own (the same noise on every shard would correlate the
+    gradient's terms), and a hash keeps them apart from every other seed's rank 0.
+    """
+    if rank == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"elbolab:{seed}:{rank}".encode()).digest()[:4], "little")
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in a data-parallel run.
+
+    Attributes:
+        rank, world_size: as torch.distributed numbers them.
+        device: the device this rank trains on (``cuda:LOCAL_RANK`` on GPUs).
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def shard(self, batch_index: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch's indices (sizes differ by at most one)."""
+        return batch_index.tensor_split(self.world_size)[self.rank]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks, in place, without waiting on the host (NCCL queues it on the stream)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank, in place."""
+        dist.broadcast(tensor, src=0)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (a host sync: for decisions every rank must share)."""
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape and dtype on each), in rank order, on every rank."""
+        local = tensor.to(self.device)
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        return [t.to(tensor.device) for t in gathered]
+
+
+def join_process_group(device: torch.device) -> ProcessGroup | None:
+    """Join the process group ``torchrun`` describes in the environment; ``None`` for one process.
+
+    Arguments:
+        device: the resolved ``--device``. On CUDA each rank takes GPU ``LOCAL_RANK`` (the index
+            of ``cuda:N`` is ignored: torchrun places one process per GPU), and the backend is
+            NCCL; on CPU it is gloo.
+
+    Raises:
+        InputError: more processes on this node than GPUs, or torch without distributed support.
+    """
+    world_size = environment_world_size()
+    if world_size <= 1:
+        return None
+    if not dist.is_available():
+        raise InputError("this build of torch has no torch.distributed: train in one process")
+    local_rank = _environment_int("LOCAL_RANK", 0)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(
+                f"process {local_rank} of this node has no GPU: {torch.cuda.device_count()} GPUs, "
+                "use --nproc-per-node at most that many"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # a second fit in the same processes (compare) reuses the group
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, if one was joined (at the end of a torchrun worker)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``python -m elbolab ARGV`` in ``nproc`` processes on this machine, as ``torchrun --standalone`` would.
+
+    Returns the exit status: 0 when every rank succeeded, else that of the lowest failed rank
+    (each rank has printed its own error). On CPU each rank gets ``cores / nproc`` threads
+    unless ``OMP_NUM_THREADS`` is set.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # The agent logs each worker it starts, signals and reaps; the workers print their own errors.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id="elbolab", rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "elbolab", *argv)
+    except ChildFailedError as failed:
+        statuses = [failure.exitcode for _, failure in sorted(failed.failures.items())]
+        return next((status for status in statuses if status > 0), 128 - min(statuses))
+    except SignalException as stopped:
+        return 128 + int(stopped.sigval)
+    return 0
