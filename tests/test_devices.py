@@ -1,0 +1,168 @@
+"""Every model family on every available device: training, evaluation, diagnostics, sampling, checkpoints.
+
+Parametrized over the devices this machine has: on a CPU-only machine the CUDA cases are
+skipped, and what can be checked without a GPU (no host synchronization in the training step,
+checkpoints that load onto another device) is checked on the CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elbolab.analysis import importance_diagnostics, to_inference_data
+from elbolab.analysis.latent import latent_draws
+from elbolab.data import DataConfig
+from elbolab.guides import GuideConfig
+from elbolab.inference import RunConfig, fit, load_run, log_likelihood, save_run
+from elbolab.inference.checkpoint import build_run_guide, build_run_model
+from elbolab.inference.fit import FitConfig, _step_function, make_adam
+from elbolab.inference.objectives import get_objective
+from elbolab.inference.training_state import CHECKPOINT_FILE, read_checkpoint
+from elbolab.models import ModelConfig
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+DEVICE_PAIRS = [("cpu", "cpu"), pytest.param("cpu", "cuda", marks=CUDA), pytest.param("cuda", "cpu", marks=CUDA),
+                pytest.param("cuda", "cuda", marks=CUDA)]
+
+X_DIM, Y_DIM, N, BATCH = 12, 3, 48, 8
+
+CASES = {
+    "vae-gaussian": (ModelConfig("vae", z_dim=3, hidden=(16,)), GuideConfig("gaussian"), "elbo"),
+    "vae-mixture": (ModelConfig("vae", z_dim=3, hidden=(16,)), GuideConfig("mixture", components=2), "iwae-dreg"),
+    "vae-flow": (ModelConfig("vae", z_dim=3, hidden=(16,)), GuideConfig("flow", flow_depth=2), "renyi"),
+    "cvae": (ModelConfig("cvae", z_dim=3, hidden=(16,)), GuideConfig("gaussian"), "elbo-analytic"),
+    "hvae-ladder": (ModelConfig("hvae", hidden=(16,), z_dims=(4, 2), hidden_upper=(8,)), GuideConfig("ladder"), "iwae"),
+    "vqvae": (ModelConfig("vqvae", z_dim=3, hidden=(16,), codebook_size=6, num_codes=2), GuideConfig("nearest-code"), "elbo"),
+}
+
+
+def build(case: str) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module]:
+    model_config, guide_config, objective = CASES[case]
+    config = RunConfig(DataConfig("digits"), model_config, FitConfig(objective=objective, epochs=2, batch_size=BATCH),
+                       guide_config, x_dim=X_DIM, y_dim=Y_DIM if model_config.name == "cvae" else None)
+    pyro.set_rng_seed(0)
+    model = build_run_model(config, X_DIM)
+    return config, model, build_run_guide(config, model)
+
+
+def data(case: str, points: int = N) -> tuple[torch.Tensor, ...]:
+    x = torch.bernoulli(torch.full((points, X_DIM), 0.4), generator=torch.Generator().manual_seed(0))
+    return (x, F.one_hot(torch.arange(points) % Y_DIM, Y_DIM).float()) if case == "cvae" else (x,)
+
+
+def particles(case: str) -> dict[str, int]:
+    return {} if CASES[case][2] in ("elbo", "elbo-analytic") else {"num_particles": 2}
+
+
+def train(case: str, device: str, checkpoint: Path | None = None, points: int = N):
+    config, model, guide = build(case)
+    x, *args = data(case, points)
+    result = fit(model, guide, x, args=args, objective=CASES[case][2], epochs=2, batch_size=BATCH, device=device,
+                 progress=False, checkpoint=checkpoint, **particles(case))
+    return config, model, guide, result
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+def test_trains_evaluates_diagnoses_and_samples_on_the_device(case: str, device: str) -> None:
+    config, model, guide, result = train(case, device)
+    target = torch.device(device)
+    assert {p.device.type for p in [*model.parameters(), *guide.parameters()]} == {target.type}
+    assert {b.device.type for b in [*model.buffers(), *guide.buffers()]} <= {target.type}
+    assert result.history["train_loss"].notna().all()
+    x, *args = (t.to(device) for t in data(case))
+    log_px = log_likelihood(model, guide, x, *args, num_samples=20)
+    assert log_px.device.type == "cpu" and log_px.shape == (N,) and torch.isfinite(log_px).all()
+    table = importance_diagnostics(model, guide, x, *args, num_samples=30)
+    assert len(table) == N and table["pareto_k"].notna().all()
+    draws = latent_draws(guide, x, *args, num_samples=3)
+    assert all(value.device.type == target.type for value in draws.values())
+    idata = to_inference_data(model, guide, x[:5], *(a[:5] for a in args), num_samples=4)
+    assert "posterior" in idata.groups()
+    generated = model.generate(4, y=1) if case == "cvae" else model.generate(4)
+    assert generated.shape == (4, X_DIM) and generated.device.type == target.type
+
+
+@pytest.mark.parametrize(("train_device", "load_device"), DEVICE_PAIRS)
+@pytest.mark.parametrize("case", ["vae-flow", "vqvae"])
+def test_a_run_and_its_checkpoint_load_onto_another_device(tmp_path: Path, case: str, train_device: str,
+                                                           load_device: str) -> None:
+    checkpoint = tmp_path / "run" / CHECKPOINT_FILE
+    config, model, guide, result = train(case, train_device, checkpoint)
+    save_run(tmp_path / "run", config, model, guide, result.history)
+    run = load_run(tmp_path / "run", device=load_device)
+    for trained, loaded in ((model, run.model), (guide, run.guide)):
+        for (name, value), loaded_value in zip(trained.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert loaded_value.device.type == torch.device(load_device).type, name
+            assert torch.equal(value.cpu(), loaded_value.cpu()), name
+    tensors, _ = read_checkpoint(checkpoint, load_device)
+    assert {t.device.type for t in tensors.values()} == {torch.device(load_device).type}
+    # Training goes on on the other device from the checkpoint.
+    _, model, guide = build(case)
+    x, *args = data(case)
+    resumed = fit(model, guide, x, args=args, objective=CASES[case][2], epochs=3, batch_size=BATCH,
+                  device=load_device, progress=False, checkpoint=checkpoint, resume=True, **particles(case))
+    assert list(resumed.history["epoch"]) == [1, 2, 3]
+    assert next(model.parameters()).device.type == torch.device(load_device).type
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+def test_the_training_step_never_waits_for_the_device(case: str, device: str, monkeypatch) -> None:
+    """Reads of tensor values on the host (each a sync on CUDA) happen per epoch, not per step.
+
+    Counts every Python-level read (``.item()``, ``bool(t)``, ``.cpu()``, ...) during two
+    epochs of 6 and of 12 steps: the counts must be equal, so no step reads anything.
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            counts[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    seen = []
+    for points in (6 * BATCH, 12 * BATCH):
+        counts.clear()
+        train(case, device, points=points)
+        seen.append(dict(counts))
+    assert seen[0] == seen[1]
+
+
+@pytest.mark.parametrize("case", ["vae-gaussian", "vqvae"])
+def test_cuda_training_runs_with_synchronizations_reported_as_errors(case: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    # fit's steps between its per-epoch reads: torch itself must not synchronize in them either.
+    _, model, guide = build(case)
+    x, *args = (t.cuda() for t in data(case))
+    model.cuda(), guide.cuda()
+    objective = get_objective(CASES[case][2])
+    params = [*model.parameters(), *guide.parameters()]
+    optimizer = make_adam(params, 1e-3)
+    take_step = _step_function(optimizer, params, clip_grad_norm=1.0)
+    tally = torch.zeros(5, dtype=torch.float64, device="cuda")
+    objective.differentiable_loss(model, guide, x[:BATCH], *(a[:BATCH] for a in args)).backward()  # the validated run
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pyro.validation_enabled(False):
+            for order in torch.randperm(N, device="cuda").split(BATCH):
+                loss = objective.differentiable_loss(model, guide, x[order], *(a[order] for a in args))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                take_step(loss.detach(), BATCH, tally)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
