@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_parser.add_argument("--seed", type=_seed, default=0, help="default 0")
     sample_parser.add_argument("--label", type=_non_negative_int, metavar="C",
                                help="cvae runs: draw samples of class C (default: n/classes samples of each class)")
+    sample_parser.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     sample_parser.add_argument("--out", type=Path, metavar="FILE", help="output file (default RUN/samples.png, or .csv for non-image data)")
     return parser
 
@@ -822,11 +823,12 @@ def _diagnose(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    run = load_run(args.run)
+    run = load_run(args.run, device=resolve_device(args.device))
     if run.config.model.name == "autoencoder":
         raise InputError(f"{args.run} is an autoencoder: it has no prior over codes and cannot generate")
     pyro.set_rng_seed(args.seed)
     samples, title, columns = _samples(run.model, run.config, args.n, args.label)
+    samples = samples.cpu()
     image_shape = run.config.image_shape
     out = args.out or args.run / ("samples.png" if image_shape else "samples.csv")
     if out.suffix == ".png" and image_shape:

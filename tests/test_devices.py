@@ -72,7 +72,7 @@ def train(case: str, device: str, checkpoint: Path | None = None, points: int = 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 def test_trains_evaluates_diagnoses_and_samples_on_the_device(case: str, device: str) -> None:
-    config, model, guide, result = train(case, device)
+    _, model, guide, result = train(case, device)
     target = torch.device(device)
     assert {p.device.type for p in [*model.parameters(), *guide.parameters()]} == {target.type}
     assert {b.device.type for b in [*model.buffers(), *guide.buffers()]} <= {target.type}
@@ -166,3 +166,12 @@ def test_cuda_training_runs_with_synchronizations_reported_as_errors(case: str) 
                 take_step(loss.detach(), BATCH, tally)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_data_too_large_for_the_gpu_stream_from_pinned_memory_with_the_same_result(monkeypatch) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    resident = train("cvae", "cuda")[3].history
+    monkeypatch.setattr("elbolab.inference.fit.DEVICE_DATA_FRACTION", 0.0)  # nothing fits: stream every batch
+    streamed = train("cvae", "cuda")[3].history
+    torch.testing.assert_close(torch.tensor(streamed["train_loss"].to_numpy()), torch.tensor(resident["train_loss"].to_numpy()))

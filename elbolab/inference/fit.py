@@ -260,11 +260,19 @@ def fit(
     for module in (model, guide):
         if isinstance(module, nn.Module):
             module.to(device).train()
-    x = x.to(device)
-    args = tuple(a.to(device) for a in args)
+    (x, *args), streaming = _stage((x, *args), device)
     valid_args = tuple(a.to(device) for a in valid_args)
-    first_batch = torch.bernoulli(x[:batch_size]) if dynamic else x[:batch_size]
-    params = _collect_params(model, guide, objective, (first_batch, *(a[:batch_size] for a in args)))
+
+    def fetch_rows(tensor: Tensor, index: Tensor | slice) -> Tensor:
+        """Rows of a training tensor, on the device (copied from pinned host memory when streaming)."""
+        if not streaming:
+            return tensor[index]
+        return tensor[index].pin_memory().to(device, non_blocking=True)
+
+    first_batch = fetch_rows(x, slice(0, batch_size))
+    first_batch = torch.bernoulli(first_batch) if dynamic else first_batch
+    first_args = tuple(fetch_rows(a, slice(0, batch_size)) for a in args)
+    params = _collect_params(model, guide, objective, (first_batch, *first_args))
     if not params:
         raise InputError("the model and guide have no parameters to train")
     optimizer = make_adam(params, lr)
@@ -272,7 +280,7 @@ def fit(
         objective.beta = beta
     parallel = None
     if group is not None:
-        parallel = _DataParallelLoss(group, objective, model, guide, params, (first_batch, *(a[:batch_size] for a in args)))
+        parallel = _DataParallelLoss(group, objective, model, guide, params, (first_batch, *first_args))
         pyro.set_rng_seed(rank_seed(seed, group.rank))
     leader = group is None or group.rank == 0
 
@@ -297,6 +305,8 @@ def fit(
     # loss of the finite steps, their data points, skipped steps, current and longest run of skips.
     tally = loop.get("tally", torch.zeros(5, dtype=torch.float64, device=device))
     order = loop.get("order")
+    if order is not None and streaming:
+        order = order.cpu()
     last_good = _snapshot(model, guide, optimizer, params)
 
     def write_checkpoint() -> None:
@@ -348,6 +358,8 @@ def fit(
             start = time.perf_counter()
             if order is None:
                 order = _epoch_order(x.shape[0], device, group)
+                if streaming:  # host rows are gathered with host indices: one copy per epoch
+                    order = order.cpu()
                 tally[:3].zero_()  # a run of skipped steps may go on into the new epoch
             batches = order.split(batch_size)
             for index in range(progress_state.batch, len(batches)):
@@ -364,16 +376,17 @@ def fit(
                     if points < group.world_size:  # a last batch too small to give every rank a point
                         continue
                     batch_index = group.shard(batch_index)
-                batch = x[batch_index]
+                batch = fetch_rows(x, batch_index)
                 if dynamic:
                     batch = torch.bernoulli(batch)
+                batch_args = tuple(fetch_rows(a, batch_index) for a in args)
                 optimizer.zero_grad(set_to_none=True)
                 if parallel is None:
-                    loss = objective.differentiable_loss(model, guide, batch, *(a[batch_index] for a in args))
+                    loss = objective.differentiable_loss(model, guide, batch, *batch_args)
                     loss.backward()
                     loss = loss.detach()
                 else:
-                    loss = parallel.loss_and_gradients(batch, *(a[batch_index] for a in args))
+                    loss = parallel.loss_and_gradients(batch, *batch_args)
                 take_step(loss, points, tally)
                 progress_state.step += 1
                 if progress_state.step % _CHECK_EVERY == 0:
@@ -419,6 +432,25 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, checkpoint: Path | None, epoch: int, batch: int, batches: int, signum: int) -> None:
         super().__init__(f"interrupted in epoch {epoch} after batch {batch} of {batches}")
         self.checkpoint, self.epoch, self.batch, self.batches, self.signum = checkpoint, epoch, batch, batches, signum
+
+
+# Training data up to this fraction of the GPU's free memory are moved there once; larger data
+# stay in pinned host memory and stream over, batch by batch, leaving the GPU to the networks.
+DEVICE_DATA_FRACTION = 0.5
+
+
+def _stage(tensors: tuple[Tensor, ...], device: torch.device) -> tuple[tuple[Tensor, ...], bool]:
+    """The training tensors where the loop reads them, and whether their batches stream from the host.
+
+    On a GPU, data that fit in :data:`DEVICE_DATA_FRACTION` of its free memory are copied there
+    once and batches are gathered on the device (no copy per step); larger data are pinned on
+    the host and each batch is copied asynchronously (``non_blocking``), overlapping the step.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if sum(t.nbytes for t in tensors) > DEVICE_DATA_FRACTION * free:
+            return tuple(t.cpu().pin_memory() for t in tensors), True
+    return tuple(t.to(device) for t in tensors), False
 
 
 class _DataParallelLoss:
