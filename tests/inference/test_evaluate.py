@@ -92,3 +92,38 @@ def test_model_without_data_plate_is_refused():
 def test_bad_num_samples_is_an_input_error(synthetic):
     with pytest.raises(InputError, match="num_samples"):
         log_likelihood(synthetic.truth, ExactPosteriorGuide(synthetic.truth), synthetic.x, num_samples=0)
+
+
+def test_gpu_chunks_are_sized_from_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    assert evaluate.chunk_elements(torch.device("cuda")) == int(0.25 * 80 * 2**30 / 16)
+    # Little free memory never shrinks chunks below the CPU's size; the CPU keeps its fixed size.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    assert evaluate.chunk_elements(torch.device("cuda")) == evaluate.CHUNK_ELEMENTS
+    assert evaluate.chunk_elements(torch.device("cpu")) == evaluate.CHUNK_ELEMENTS
+
+
+def test_a_chunk_that_runs_out_of_memory_is_halved_and_the_estimate_kept(synthetic, monkeypatch):
+    model, x = synthetic.truth, synthetic.x[:20]
+    guide = ExactPosteriorGuide(model)
+    sizes = []
+    run_traced = evaluate.run_traced
+
+    def small_device(model, guide, args, kwargs, k, nesting):
+        sizes.append(k)
+        if k > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run_traced(model, guide, args, kwargs, k, nesting)
+
+    monkeypatch.setattr(evaluate, "run_traced", small_device)
+    estimate = importance_estimate(model, guide, x, num_samples=1000)
+    assert sizes[:4] == [1000, 500, 250, 125] and max(sizes[4:]) <= 100 and sum(s for s in sizes if s <= 100) == 1000
+    assert (estimate.log_likelihood - model.log_likelihood(x)).abs().max() < 0.01
+    assert torch.allclose(estimate.ess, torch.full_like(estimate.ess, 1000.0), rtol=1e-3)
+
+    def out_of_memory_always(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(evaluate, "run_traced", out_of_memory_always)
+    with pytest.raises(torch.OutOfMemoryError):
+        importance_estimate(model, guide, x, num_samples=8)
