@@ -502,9 +502,9 @@ def _plan_fit(args: argparse.Namespace) -> tuple[RunConfig, Path, str, dict[str,
     if name != "reconstruction":
         options.setdefault("num_particles", fc.particles)
     device = resolve_device(fc.device)
-    nproc = max(args.nproc, environment_world_size())
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise InputError(f"--nproc {nproc} on CUDA needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    # Under torchrun, each process checks that its node has a GPU for it (join_process_group).
+    if device.type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise InputError(f"--nproc {args.nproc} on CUDA needs {args.nproc} GPUs, this machine has {torch.cuda.device_count()}")
     return config, out, name, options
 
 

@@ -7,6 +7,10 @@ steps are accumulated on the device and read once per epoch (the skip counters a
 ``_CHECK_EVERY`` steps), a non-finite step is skipped inside fused Adam's kernel, validation runs
 between epochs, and Pyro's argument checks run on the first step only (the data were checked
 once at the boundary). Checkpoints and exact resumption are in :mod:`.training_state`.
+
+Launched by ``torchrun`` with several processes, the same loop trains one model data-parallel
+(DistributedDataParallel; see :mod:`.distributed`): each rank takes its share of every batch and
+the gradients of the whole batch are summed across ranks before the step.
 """
 
 from __future__ import annotations
@@ -178,7 +182,11 @@ def fit(
         beta: weight of the KL term (beta-VAE); the objective must support it.
         warmup_epochs: epochs over which beta rises linearly from 0 (KL warm-up).
         valid: data for the per-epoch validation ELBO (one sample per point), or ``None``.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``. The data go there once (or,
+            larger than half a GPU's free memory, stream from pinned host memory). Under
+            ``torchrun`` with several processes each rank trains on GPU ``LOCAL_RANK`` (NCCL), or
+            on the CPU (gloo), and ``batch_size`` is the global batch; rank 0 alone writes the
+            checkpoint, and the history's ``valid_elbo`` is rank 0's (NaN on the others).
         seed: seeds Pyro's, torch's and numpy's RNGs: with the same initial weights the same
             seed gives the same result on CPU.
         progress: progress bar over epochs (``None``: only on a terminal).
