@@ -327,12 +327,12 @@ def fit(
                 loop=state, options=options, metadata=checkpoint_metadata or {},
             )
 
-    def stop_requested(first_batch_of_session: bool) -> bool:
+    def stop_requested(first_of_epoch: bool) -> bool:
         if group is None:
             return stop.signal is not None
         # Every rank must stop at the same step; agreeing costs a host sync, so it is done where
         # the divergence check syncs anyway (torchrun gives workers 30 s after forwarding a signal).
-        if not first_batch_of_session and progress_state.step % _CHECK_EVERY:
+        if not first_of_epoch and progress_state.step % _CHECK_EVERY:
             return False
         return group.any(stop.signal is not None)
 
