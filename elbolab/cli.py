@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if environment_world_size() > 1 and args.command != "fit":
             raise InputError(f"only fit trains in several processes; run elbolab {args.command} without torchrun")
+        if environment_world_size() > 1 and args.nproc > 1:
+            raise InputError("--nproc launches the processes that torchrun has already launched: leave it out under torchrun")
         if args.command == "fit" and args.nproc > 1 and environment_world_size() == 1:
             _plan_fit(args)  # a mistake in the options is one line here, not one per process
             return launch(args.nproc, _without_nproc(argv))

@@ -142,3 +142,11 @@ def test_only_fit_runs_under_torchrun(tmp_path: Path, monkeypatch, capsys) -> No
     assert capsys.readouterr().err.strip() == (
         "elbolab sample: rank 1: error: only fit trains in several processes; run elbolab sample without torchrun"
     )
+
+
+def test_nproc_is_refused_under_torchrun(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["fit", "--nproc", "2", "--out", str(tmp_path / "run")]) == 2
+    assert "leave it out under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
