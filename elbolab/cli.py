@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         if environment_world_size() > 1 and args.nproc > 1:
             raise InputError("--nproc launches the processes that torchrun has already launched: leave it out under torchrun")
         if args.command == "fit" and args.nproc > 1 and environment_world_size() == 1:
-            _plan_fit(args)  # a mistake in the options is one line here, not one per process
+            # A mistake in the options or the data is one line here, not one per process.
+            _training_data(_plan_fit(args)[0])
             return launch(args.nproc, _without_nproc(argv))
         commands = {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
         commands[args.command](args)

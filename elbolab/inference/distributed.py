@@ -146,9 +146,9 @@ def leave_process_group() -> None:
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``python -m elbolab ARGV`` in ``nproc`` processes on this machine, as ``torchrun --standalone`` would.
 
-    Returns the exit status: 0 when every rank succeeded, else that of the lowest failed rank
-    (each rank has printed its own error). On CPU each rank gets ``cores / nproc`` threads
-    unless ``OMP_NUM_THREADS`` is set.
+    Returns the exit status: 0 when every rank succeeded, else that of the lowest rank that
+    exited with an error (each has printed its own), or 128 + N when the ranks were killed by
+    signal N. On CPU each rank gets ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` is set.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

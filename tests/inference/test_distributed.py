@@ -132,6 +132,11 @@ def test_cli_nproc_refuses_bad_options_in_one_line_before_launching(tmp_path: Pa
     status = main(["fit", "--data", "digits", "--binarize", "dynamic", "--lr", "-1", "--nproc", "2", "--out", str(out)])
     assert status == 2
     assert capsys.readouterr().err.strip().splitlines() == ["elbolab fit: error: lr must be positive, got -1.0"]
+    # The data are read once before launching, too.
+    status = main(["fit", "--data", "binarized-mnist", "--data-dir", str(tmp_path / "none"), "--nproc", "2", "--out", str(out)])
+    assert status == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"elbolab fit: error: binarized-mnist: data directory {tmp_path / 'none'} does not exist")
     assert not out.exists()
 
 
