@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,21 @@ def test_nproc_is_refused_under_torchrun(tmp_path: Path, monkeypatch, capsys) ->
     assert main(["fit", "--nproc", "2", "--out", str(tmp_path / "run")]) == 2
     assert "leave it out under torchrun" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_multi_node_command_line_trains_one_run(tmp_path: Path) -> None:
+    """README's two-node torchrun command, with both "nodes" on this machine (c10d rendezvous on localhost)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=two-nodes", "-m", "elbolab", "fit", "--data", "digits",
+               "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--epochs", "1", "--device", "cpu",
+               "--out", str(out), "--quiet"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    assert load_run(out).history["epoch"].tolist() == [1]
