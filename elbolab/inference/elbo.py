@@ -28,6 +28,7 @@ from torch.distributions import kl_divergence
 
 from elbolab.config import is_integer, is_real
 from elbolab.errors import InputError
+from elbolab.inference.contract import pair_contract, refuse_not_reparameterized
 from elbolab.inference.traces import (
     detached_guide_trace,
     max_plate_nesting,
@@ -79,6 +80,8 @@ class ELBO(pyro.infer.ELBO):
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
         """``-ELBO_beta`` summed over the batch, averaged over particles; differentiable."""
+        contract = pair_contract(model, guide, args, kwargs)
+        refuse_not_reparameterized(contract, "the ELBO's pathwise gradient")
         if self.num_particles > 1 and self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         model_trace, guide_trace = run_traced(

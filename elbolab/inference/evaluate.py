@@ -11,21 +11,34 @@ and processed in chunks over data points and samples, so memory stays bounded fo
 
 from __future__ import annotations
 
-__all__ = ["ImportanceEstimate", "chunk_elements", "importance_estimate", "log_importance_weights", "log_likelihood"]
+__all__ = [
+    "Evidence",
+    "ImportanceEstimate",
+    "chunk_elements",
+    "evaluation_inputs",
+    "importance_estimate",
+    "log_evidence",
+    "log_importance_weights",
+    "log_likelihood",
+]
 
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
+from pyro.poutine import Trace, replay, trace
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from elbolab.config import is_integer
 from elbolab.errors import InputError
-from elbolab.inference.traces import log_weights_per_point, max_plate_nesting, run_traced
+from elbolab.data.checks import as_points
+from elbolab.inference.contract import Contract, DataPlateScale, floating_dtype, pair_contract
+from elbolab.inference.traces import log_weights_per_point, run_traced, site_log_prob
 
 # Elements of one chunk's [samples, points, x_dim] block on the CPU; bounds evaluation memory
 # to a few hundred MB for decoders a few times wider than the data.
@@ -56,6 +69,10 @@ class ImportanceEstimate:
         reconstruction: ``mean_k log p(x | z_k)``, the expected log-likelihood term.
         ess: effective sample size of the normalized weights, in ``[1, K]``.
         num_samples: K.
+        global_latents: the model's latents outside the data plate. When there are any, every
+            per-point quantity is conditional on global draws ``g ~ q(g)`` (one per sample):
+            ``log_likelihood`` estimates the posterior predictive ``log E_q(g)[p(x_n | g)]``, not
+            ``log p(x_n)``; :func:`log_evidence` estimates the whole data set's ``log p(X)``.
     """
 
     log_likelihood: Tensor
@@ -63,6 +80,7 @@ class ImportanceEstimate:
     reconstruction: Tensor
     ess: Tensor
     num_samples: int
+    global_latents: tuple[str, ...] = ()
 
 
 @torch.no_grad()
@@ -90,10 +108,11 @@ def importance_estimate(
     Returns:
         An :class:`ImportanceEstimate`.
     """
+    x, args, contract = evaluation_inputs(model, guide, x, args)
     results: dict[str, list[Tensor]] = {k: [] for k in ("log_likelihood", "elbo", "reconstruction", "ess")}
     lse_w = lse_w2 = None
     sum_log_w = sum_log_lik = 0.0
-    for log_w, log_lik, last in _weight_chunks(model, guide, x, args, num_samples, batch_size, progress):
+    for log_w, log_lik, last in _weight_chunks(model, guide, x, args, contract, num_samples, batch_size, progress):
         chunk_lse, chunk_lse2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
         lse_w = chunk_lse if lse_w is None else torch.logaddexp(lse_w, chunk_lse)
         lse_w2 = chunk_lse2 if lse_w2 is None else torch.logaddexp(lse_w2, chunk_lse2)
@@ -106,7 +125,9 @@ def importance_estimate(
             results["ess"].append((2 * lse_w - lse_w2).exp().cpu())
             lse_w = lse_w2 = None
             sum_log_w = sum_log_lik = 0.0
-    return ImportanceEstimate(**{k: torch.cat(v) for k, v in results.items()}, num_samples=int(num_samples))
+    return ImportanceEstimate(
+        **{k: torch.cat(v) for k, v in results.items()}, num_samples=int(num_samples), global_latents=contract.global_latents
+    )
 
 
 @torch.no_grad()
@@ -125,8 +146,9 @@ def log_importance_weights(
     need all K weights of a point at once; :func:`importance_estimate` streams them instead.
     Arguments are those of :func:`importance_estimate`.
     """
+    x, args, contract = evaluation_inputs(model, guide, x, args)
     columns, samples = [], []
-    for log_w, _, last in _weight_chunks(model, guide, x, args, num_samples, batch_size, progress):
+    for log_w, _, last in _weight_chunks(model, guide, x, args, contract, num_samples, batch_size, progress):
         samples.append(log_w.cpu())
         if last:
             columns.append(torch.cat(samples))
@@ -134,11 +156,53 @@ def log_importance_weights(
     return torch.cat(columns, dim=1)
 
 
+def evaluation_inputs(
+    model: Callable[..., Any], guide: Callable[..., Any], x: Any, args: tuple, what: str = "x"
+) -> tuple[Tensor, tuple[Tensor, ...], Contract]:
+    """The data and per-point arguments of an estimator, checked, and the pair's contract.
+
+    ``x`` (a tensor or a numpy array) must hold finite values, one row per data point, and
+    becomes a tensor of the model's floating dtype; every further argument needs one row per
+    point. The pair is checked on the first rows (:func:`~elbolab.inference.contract.pair_contract`).
+    """
+    if isinstance(x, Tensor | np.ndarray) and x.ndim == 1:
+        # N scalar data points; the pair check refuses it if the model reads it as one point of N values.
+        x = as_points(x[:, None], what, dtype=floating_dtype(model, guide))[:, 0]
+    else:
+        x = as_points(x, what, dtype=floating_dtype(model, guide))
+    args = tuple(_per_point_arg(a, f"args[{i}]", x) for i, a in enumerate(args))
+    head = (x[:16], *(a[:16] for a in args))
+    contract = pair_contract(model, guide, head, {})
+    if contract.subsamples_input:
+        raise InputError(
+            f"the model subsamples the data it is given (its plate {contract.data_plate!r} draws a subsample of the "
+            f"rows of {what}), but an estimate weighs every data point: declare the plate on the batch, "
+            f"pyro.plate({contract.data_plate!r}, len(x)), or with the full size, "
+            f"pyro.plate({contract.data_plate!r}, N, subsample_size=len(x))"
+        )
+    return x, args, contract
+
+
+def _per_point_arg(arg: Any, what: str, x: Tensor) -> Tensor:
+    """A further per-point argument (labels, a condition): a tensor with one row per data point of ``x``."""
+    if not isinstance(arg, Tensor):
+        arg = torch.as_tensor(np.asarray(arg)) if isinstance(arg, np.ndarray) else arg
+    if not isinstance(arg, Tensor) or arg.dim() == 0 or arg.shape[0] != x.shape[0]:
+        shape = tuple(arg.shape) if isinstance(arg, Tensor) else type(arg).__name__
+        raise InputError(f"{what} must be a tensor with one row per data point ({x.shape[0]}), got {shape}")
+    if arg.is_floating_point():
+        if not torch.isfinite(arg).all():
+            raise InputError(f"{what} contains NaN or infinite values")
+        arg = arg.to(x.dtype)
+    return arg.to(x.device)
+
+
 def _weight_chunks(
     model: Callable[..., Any],
     guide: Callable[..., Any],
     x: Tensor,
     args: tuple[Tensor, ...],
+    contract: Contract,
     num_samples: int,
     batch_size: int | None,
     progress: bool | None,
@@ -147,28 +211,30 @@ def _weight_chunks(
 
     Batches of points come in order; within a batch, chunks of samples, ``last`` on its final one.
     Chunks keep memory bounded by :func:`chunk_elements`; the particles of a chunk are vectorized.
+    Every chunk runs under a unit data-plate scale (a subsampling plate's training scale is undone)
+    with the chunk's rows as the plate's subsample.
     """
     if not is_integer(num_samples) or num_samples < 1:
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     num_points = x.shape[0]
-    if num_points == 0:
-        raise InputError("no data points to evaluate")
     width = max(1, math.prod(x.shape[1:]))
     elements = chunk_elements(x.device)
     if batch_size is None:
         batch_size = max(1, min(num_points, elements // (16 * width)))
     sample_chunk = max(1, min(num_samples, elements // (batch_size * width)))
-    nesting = max_plate_nesting(model, guide, (x[:1], *(a[:1] for a in args)), {})
+    nesting = contract.plate_nesting
     bar = tqdm(total=num_points, desc="log p(x)", unit="pt", disable=_disable(progress), leave=False)
     with pyro.validation_enabled(False):
         for start in range(0, num_points, batch_size):
             batch = (x[start : start + batch_size], *(a[start : start + batch_size] for a in args))
+            rows = torch.arange(start, start + batch[0].shape[0], device=x.device)
             done = 0
             while done < num_samples:
                 k = min(sample_chunk, num_samples - done)
                 try:
-                    model_trace, guide_trace = run_traced(model, guide, batch, {}, k, nesting)
-                    log_w, log_lik = log_weights_per_point(model_trace, guide_trace, nesting)
+                    with DataPlateScale(contract.plates, 1.0, rows):
+                        model_trace, guide_trace = run_traced(model, guide, batch, {}, k, nesting)
+                    log_w, log_lik = log_weights_per_point(model_trace, guide_trace, nesting, contract)
                 except torch.OutOfMemoryError:
                     if k == 1:
                         raise
@@ -204,3 +270,105 @@ def log_likelihood(
 def _disable(progress: bool | None) -> bool | None:
     # tqdm's disable=None means "off unless on a terminal".
     return None if progress is None else not progress
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """An estimate of the whole data set's ``log p(X)``, in nats.
+
+    Attributes:
+        log_evidence: the estimate of ``log p(X)``, summed over the data points.
+        standard_error: its Monte Carlo standard error (delta method on the outer weights).
+        num_points, num_samples, global_samples: N, K (local samples per point and global draw), S.
+    """
+
+    log_evidence: float
+    standard_error: float
+    num_points: int
+    num_samples: int
+    global_samples: int
+
+    @property
+    def per_point(self) -> float:
+        """``log p(X) / N``: nats per data point."""
+        return self.log_evidence / self.num_points
+
+
+@torch.no_grad()
+def log_evidence(
+    model: Callable[..., Any],
+    guide: Callable[..., Any],
+    x: Tensor,
+    *args: Tensor,
+    num_samples: int = 1000,
+    global_samples: int = 100,
+    batch_size: int | None = None,
+    progress: bool | None = False,
+) -> Evidence:
+    """Importance-sample the whole data set's ``log p(X)``, for models with global latents too.
+
+    Nested importance sampling: S global draws ``g_s ~ q(g)`` outside, K local draws per point
+    and global draw inside,
+
+        p(X) ~= (1/S) sum_s [p(g_s) / q(g_s)] prod_n (1/K) sum_k p(x_n, z_nk | g_s) / q(z_nk | x_n, g_s),
+
+    which is consistent as S and K grow and exact with exact posteriors as guides. Without global
+    latents it is ``sum_n log p(x_n)`` from :func:`importance_estimate` (``global_samples`` unused).
+    The standard error is the delta-method one, ``sqrt(sum_s (S wbar_s - 1)^2 / (S (S - 1)))``
+    with ``wbar`` the normalized outer weights (per point, from its effective sample size,
+    without globals).
+
+    Arguments:
+        model, guide: a pair following the contract; the guide's global sites must not depend on x.
+        x: data ``[N, ...]``; ``*args``: further per-point tensors.
+        num_samples: K; global_samples: S.
+        batch_size, progress: as in :func:`importance_estimate`.
+
+    Example:
+        >>> evidence = log_evidence(model, guide, x, num_samples=500, global_samples=200)
+        >>> evidence.per_point, evidence.standard_error
+    """
+    x, args, contract = evaluation_inputs(model, guide, x, args)
+    if not is_integer(global_samples) or global_samples < 1:
+        raise InputError(f"global_samples must be a positive integer, got {global_samples}")
+    if not contract.global_latents:
+        estimate = importance_estimate(model, guide, x, *args, num_samples=num_samples, batch_size=batch_size, progress=progress)
+        k = estimate.num_samples
+        variance = ((k / estimate.ess - 1).clamp(min=0) / max(k - 1, 1)).sum() if k > 1 else torch.tensor(math.nan)
+        return Evidence(estimate.log_likelihood.double().sum().item(), variance.sqrt().item(), x.shape[0], k, 0)
+    head = (x[:1], *(a[:1] for a in args))
+    rows = torch.arange(1, device=x.device)
+    totals = []
+    for _ in tqdm(range(int(global_samples)), desc="log p(X)", unit="draw", disable=_disable(progress), leave=False):
+        with DataPlateScale(contract.plates, 1.0, rows), trace() as guide_tracer:
+            guide(*head)
+        global_trace = Trace()
+        log_q = 0.0
+        for name, site in guide_tracer.trace.nodes.items():
+            if site["type"] == "sample" and not _in_data_plate(site, contract) and not site["is_observed"]:
+                global_trace.nodes[name] = site
+                log_q = log_q + site_log_prob(site).double().sum()
+        with DataPlateScale(contract.plates, 1.0, rows), trace() as model_tracer, replay(trace=global_trace):
+            model(*head)
+        log_p = sum(
+            site_log_prob(site).double().sum()
+            for name, site in model_tracer.trace.nodes.items()
+            if site["type"] == "sample" and name in contract.global_latents
+        )
+        inner = importance_estimate(
+            model, replay(guide, trace=global_trace), x, *args, num_samples=num_samples, batch_size=batch_size
+        )
+        totals.append(log_p - log_q + inner.log_likelihood.double().sum())
+    totals = torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in totals]).cpu()
+    s = totals.shape[0]
+    estimate = (totals.logsumexp(0) - math.log(s)).item()
+    if s > 1:
+        normalized = torch.softmax(totals, 0)
+        error = ((s * normalized - 1).pow(2).sum() / (s * (s - 1))).sqrt().item()
+    else:
+        error = math.nan
+    return Evidence(estimate, error, x.shape[0], int(num_samples), s)
+
+
+def _in_data_plate(site: dict, contract: Contract) -> bool:
+    return any(frame.name in contract.plates for frame in site["cond_indep_stack"])

@@ -21,14 +21,16 @@ import copy
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyro
 import torch
@@ -38,13 +40,14 @@ from tqdm.auto import tqdm
 
 from elbolab.config import dataclass_from_dict, is_integer, is_real
 from elbolab.data import Dataset
+from elbolab.data.checks import as_points
 from elbolab.errors import InputError
+from elbolab.inference.contract import Contract, DataPlateScale, check_pair, floating_dtype, pair_contract
 from elbolab.inference.distributed import ProcessGroup, join_process_group, rank_seed
 from elbolab.inference.evaluate import importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
 from elbolab.inference.storage import remove_stale_temporaries
-from elbolab.inference.traces import DATA_PLATE, sample_sites
 from elbolab.inference.training_state import Progress, restore_checkpoint, save_checkpoint
 
 # Steps between reads of the skipped-step counters (a host sync on CUDA): divergence is handled
@@ -119,12 +122,15 @@ class FitResult:
             point), ``beta``, ``valid_elbo`` (nats per data point; NaN without ``valid``),
             ``seconds`` (training time of the epoch).
         objective: the objective instance used.
+        skipped_steps: steps skipped for a non-finite loss or gradient, over the whole run
+            (``fit`` also says so on stderr when it ends).
     """
 
     model: Callable[..., Any]
     guide: Callable[..., Any]
     history: pd.DataFrame
     objective: Any
+    skipped_steps: int = 0
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -236,12 +242,15 @@ def fit(
     group = join_process_group(device)  # None unless launched by torchrun with several processes
     if group is not None:
         device = group.device
-    x, dynamic = _as_matrix(data, "training data")
+    if guide is None:
+        guide = no_guide
+    dtype = floating_dtype(model, guide)
+    x, dynamic = _as_matrix(data, "training data", dtype)
     valid_x = None
     if valid is not None:
-        valid_x, valid_dynamic = _as_matrix(valid, "validation data")
+        valid_x, valid_dynamic = _as_matrix(valid, "validation data", dtype)
         if valid_dynamic:
-            valid_x = valid.fixed_binarization(seed).x  # a fixed draw: comparable across epochs
+            valid_x = valid.fixed_binarization(seed).x.to(dtype)  # a fixed draw: comparable across epochs
         if valid_x.shape[1:] != x.shape[1:]:
             raise InputError(
                 f"validation data have {tuple(valid_x.shape[1:])} features, training data {tuple(x.shape[1:])}"
@@ -261,8 +270,6 @@ def fit(
         raise InputError(
             f"beta and KL warm-up weight a KL term, which the {type(objective).__name__} objective does not have"
         )
-    if guide is None:
-        guide = no_guide
 
     pyro.set_rng_seed(seed)
     for module in (model, guide):
@@ -280,7 +287,9 @@ def fit(
     first_batch = fetch_rows(x, slice(0, batch_size))
     first_batch = torch.bernoulli(first_batch) if dynamic else first_batch
     first_args = tuple(fetch_rows(a, slice(0, batch_size)) for a in args)
-    params = _collect_params(model, guide, objective, (first_batch, *first_args))
+    contract = _training_contract(model, guide, (first_batch, *first_args), x.shape[0], batch_size, fetch_rows, args)
+    with _data_plate_scale(contract, x.shape[0], first_batch.shape[0], torch.arange(first_batch.shape[0], device=device)):
+        params = _collect_params(model, guide, objective, (first_batch, *first_args))
     if not params:
         raise InputError("the model and guide have no parameters to train")
     optimizer = make_adam(params, lr)
@@ -288,7 +297,7 @@ def fit(
         objective.beta = beta
     parallel = None
     if group is not None:
-        parallel = _DataParallelLoss(group, objective, model, guide, params, (first_batch, *first_args))
+        parallel = _DataParallelLoss(group, contract, objective, model, guide, params, (first_batch, *first_args))
         pyro.set_rng_seed(rank_seed(seed, group.rank))
     leader = group is None or group.rank == 0
 
@@ -389,13 +398,16 @@ def fit(
                     batch = torch.bernoulli(batch)
                 batch_args = tuple(fetch_rows(a, batch_index) for a in args)
                 optimizer.zero_grad(set_to_none=True)
-                if parallel is None:
-                    loss = objective.differentiable_loss(model, guide, batch, *batch_args)
-                    loss.backward()
-                    loss = loss.detach()
-                else:
-                    loss = parallel.loss_and_gradients(batch, *batch_args)
-                take_step(loss, points, tally)
+                with _data_plate_scale(contract, x.shape[0], points, batch_index):
+                    if parallel is None:
+                        loss = objective.differentiable_loss(model, guide, batch, *batch_args)
+                        loss.backward()
+                        loss = loss.detach()
+                    else:
+                        loss = parallel.loss_and_gradients(batch, *batch_args)
+                # Under a data-plate scale N/B the loss estimates the whole data set's; the tally
+                # keeps the batch's share, so that the epoch's mean is nats per data point.
+                take_step(loss if not contract.needs_scaling else loss * (points / x.shape[0]), points, tally)
                 progress_state.step += 1
                 if progress_state.step % _CHECK_EVERY == 0:
                     check_divergence()
@@ -431,7 +443,15 @@ def fit(
                 write_checkpoint()
             bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}", **{k: f"{v:.4g}" for k, v in report.items()})
     _set_train(model, guide, False)
-    return FitResult(model, guide if guide is not no_guide else None, pd.DataFrame(rows), objective)
+    history = pd.DataFrame(rows)
+    skipped_steps = int(history["skipped_steps"].sum()) if "skipped_steps" in history else 0
+    if skipped_steps and leader and progress is not False:
+        print(
+            f"fit: skipped {skipped_steps} of {progress_state.step} steps whose loss or gradient was not finite "
+            f"({progress_state.restorations} restorations with a halved learning rate); see the history's skipped_steps",
+            file=sys.stderr,
+        )
+    return FitResult(model, guide if guide is not no_guide else None, history, objective, skipped_steps)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -470,13 +490,12 @@ class _DataParallelLoss:
     function) are not DDP's: their gradients are averaged by one all-reduce of their own.
     """
 
-    def __init__(self, group: ProcessGroup, objective: Any, model: Any, guide: Any, params: list[Tensor],
-                 first_batch: tuple[Tensor, ...]) -> None:
-        global_latents = _global_latent_sites(model, first_batch)
-        if global_latents:
+    def __init__(self, group: ProcessGroup, contract: Contract, objective: Any, model: Any, guide: Any,
+                 params: list[Tensor], first_batch: tuple[Tensor, ...]) -> None:
+        if contract.global_latents:
             raise InputError(
                 f"data-parallel training splits the data plate across processes; the model's latent site "
-                f"{global_latents[0]!r} sits outside it (a global latent), whose KL term every rank would count: "
+                f"{contract.global_latents[0]!r} sits outside it (a global latent), whose KL term every rank would count: "
                 "train it in one process"
             )
         self.group = group
@@ -528,14 +547,39 @@ def _has_unused_parameters(module: nn.Module, batch: tuple[Tensor, ...]) -> bool
     return any(g is None for g in grads)
 
 
-def _global_latent_sites(model: Any, batch: tuple[Tensor, ...]) -> list[str]:
-    """Latent sample sites of ``model`` outside the ``"data"`` plate."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        trace = poutine.trace(model).get_trace(*batch)
-    return [
-        name for name, site in sample_sites(trace)
-        if not site["is_observed"] and not any(frame.name == DATA_PLATE for frame in site["cond_indep_stack"])
-    ]
+def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], num_points: int, batch_size: int,
+                       fetch_rows: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Contract:
+    """The pair's contract, checked on the first batch and on a short last one; a subsampling plate must state N."""
+    contract = pair_contract(model, guide, first)
+    if contract.subsamples_input:
+        raise InputError(
+            f"the model subsamples the data it is given (its plate {contract.data_plate!r} over the {first[0].shape[0]} "
+            "points of a batch draws a subsample of them); fit passes minibatches itself: declare the plate on the "
+            f"batch, pyro.plate({contract.data_plate!r}, len(x)), or with the full size, "
+            f"pyro.plate({contract.data_plate!r}, N, subsample_size=len(x))"
+        )
+    if contract.full_size is not None and contract.full_size != num_points:
+        raise InputError(
+            f"the model's data plate {contract.data_plate!r} states {contract.full_size} data points "
+            f"(pyro.plate({contract.data_plate!r}, {contract.full_size}, subsample_size=...)), but the training "
+            f"data have {num_points}: its scale full_size / batch would make every loss wrong"
+        )
+    last = num_points % batch_size
+    if last and num_points > batch_size:
+        rows = slice(num_points - last, num_points)
+        check_pair(model, guide, (first[0][:last], *(fetch_rows(a, rows) for a in args)))  # not cached: a new size
+    return contract
+
+
+def _data_plate_scale(contract: Contract, num_points: int, batch_points: int, batch_index: Tensor) -> Any:
+    """The scale ``N / B`` on the data plate where the objective needs it (see :class:`DataPlateScale`).
+
+    ``batch_points`` is the global batch's size (under data parallelism ``batch_index`` is this
+    rank's share of it: the subsample of its data plate).
+    """
+    if not contract.needs_scaling:
+        return nullcontext()
+    return DataPlateScale(contract.plates, num_points / batch_points, batch_index)
 
 
 def _epoch_order(num_points: int, device: torch.device, group: ProcessGroup | None) -> Tensor:
@@ -664,18 +708,13 @@ def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fusable or None)
 
 
-def _as_matrix(data: Dataset | Tensor, what: str) -> tuple[Tensor, bool]:
+def _as_matrix(data: Dataset | Tensor, what: str, dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """The data as a tensor of the model's dtype, checked (a numpy array is converted), and whether it is dynamically binarized."""
     if isinstance(data, Dataset):
-        return data.x, data.dynamic_binarization
-    if not isinstance(data, Tensor):
-        raise InputError(f"{what} must be a Dataset or a tensor, got {type(data).__name__}")
-    if data.ndim < 2 or data.shape[0] == 0:
-        raise InputError(f"{what} must have shape [N, ...] with N > 0, got {tuple(data.shape)}")
-    # One reduction first: a finite sum proves every value finite (the elementwise check
-    # costs as much as a few training steps on a large data set).
-    if not torch.isfinite(data.sum()) and not torch.isfinite(data).all():
-        raise InputError(f"{what} contain NaN or infinite values")
-    return data.float(), False
+        return data.x.to(dtype), data.dynamic_binarization
+    if not isinstance(data, Tensor) and not isinstance(data, np.ndarray):
+        raise InputError(f"{what} must be a Dataset, a tensor or a numpy array, got {type(data).__name__}")
+    return as_points(data, what, dtype=dtype), False
 
 
 def _per_point_args(args: Sequence[Tensor], num_points: int, what: str) -> tuple[Tensor, ...]:

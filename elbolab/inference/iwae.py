@@ -41,6 +41,7 @@ from torch import Tensor
 
 from elbolab.config import is_integer
 from elbolab.errors import InputError
+from elbolab.inference.contract import pair_contract, refuse_not_reparameterized
 from elbolab.inference.traces import (
     data_plate_dim,
     detached_guide_trace,
@@ -82,6 +83,8 @@ class IWAE(pyro.infer.ELBO):
 
     def log_weights(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict):
         """``(local [K, N], global [K] or 0, data scale, traces)``, with detached ``log q`` for stl/dreg."""
+        contract = pair_contract(model, guide, args, kwargs)
+        refuse_not_reparameterized(contract, "the importance-weighted bound's pathwise gradient")
         if self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         k, nesting = self.num_particles, self.plate_nesting
@@ -89,8 +92,8 @@ class IWAE(pyro.infer.ELBO):
         q_trace = None
         if self.gradient != "standard":
             q_trace = detached_guide_trace(guide, guide_trace, args, kwargs, k, nesting)
-        local, global_, data_scale = importance_terms(model_trace, guide_trace, nesting, q_trace)
-        return local, global_, data_scale, (model_trace, guide_trace)
+        local, global_, data_scale = importance_terms(model_trace, guide_trace, nesting, contract, q_trace)
+        return local, global_, data_scale, (model_trace, guide_trace, contract)
 
     def _bound(self, local: Tensor) -> Tensor:
         """Per data point, ``log (1/K) sum_k w_k`` from the ``[K, N]`` log weights."""
@@ -98,21 +101,21 @@ class IWAE(pyro.infer.ELBO):
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
         """``-L_K`` summed over the batch (scaled to the full data set under subsampling)."""
-        local, global_, data_scale, (model_trace, guide_trace) = self.log_weights(model, guide, args, kwargs)
+        local, global_, data_scale, (model_trace, guide_trace, contract) = self.log_weights(model, guide, args, kwargs)
         bound = self._bound(local)
         if self.gradient == "dreg":
             normalized = torch.softmax(local, dim=0).detach()
             surrogate = (normalized * local).sum(0)
-            data_dim = data_plate_dim(model_trace)
+            data_dim = data_plate_dim(model_trace, contract.data_plate)
             sampled = [
                 site for _, site in sample_sites(guide_trace)
                 if not site["is_observed"] and site["value"].requires_grad
             ]
             for site in sampled:
-                if not any(f.name == "data" for f in site["cond_indep_stack"]):
+                if not any(f.name in contract.plates for f in site["cond_indep_stack"]):
                     raise InputError(
                         f"iwae-dreg weighs each data point's samples; the global latent {site['name']!r} "
-                        "outside pyro.plate('data') has no per-point weight: use iwae or iwae-stl"
+                        f"outside the data plate {contract.data_plate!r} has no per-point weight: use iwae or iwae-stl"
                     )
             for site in sampled:
                 weight = per_point_weights_to_site(normalized, site, self.plate_nesting, data_dim)

@@ -12,6 +12,7 @@ __all__ = [
     "DATA_PLATE",
     "PARTICLE_PLATE",
     "data_plate_dim",
+    "data_plate_of",
     "detached_guide_trace",
     "importance_terms",
     "local_latent_sites",
@@ -32,10 +33,12 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
 from elbolab.errors import InputError
+from elbolab.inference.contract import Contract, pair_contract
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
@@ -104,12 +107,20 @@ def detached_guide_trace(
 
     Its log densities ``log q(z; stop_gradient(phi))`` carry gradient only through the samples
     ``z``: the "sticking the landing" estimator (Roeder et al. 2017) and DReG (Tucker et al.
-    2019) are built on them. A guide with one Normal site (under any ``to_event``) is detached in
-    place; any other guide is re-run on its own samples with its parameters detached, which needs
-    an ``nn.Module`` guide. The re-run keeps what detaching in place would lose when a site's
-    parameters depend on another sample (``q(z_2 | z_1)``): the path from ``z_1`` through the
-    parameters of ``q(z_2 | z_1)``, which is not part of the score term. Every latent sample must
-    be reparameterized.
+    2019) are built on them. Every latent sample must be reparameterized.
+
+    A guide with one latent site needs no second run: a Normal (under any ``to_event``) is
+    rebuilt from detached parameters, and any other distribution (a ``MultivariateNormal``, a
+    flow) has its score term subtracted,
+
+        log q(z; phi) - log q(stop_gradient(z); phi) + stop_gradient(log q(stop_gradient(z); phi)),
+
+    whose value is ``log q(z)`` and whose gradient is the pathwise one alone, wherever the
+    parameters live. A guide with several sites is re-run on its own samples with its parameters
+    detached: an ``nn.Module``'s through ``torch.func.functional_call``, ``pyro.param`` values by a
+    handler; the re-run keeps what detaching in place would lose when a site's parameters depend
+    on another sample (``q(z_2 | z_1)``): the path from ``z_1`` through the parameters of
+    ``q(z_2 | z_1)``, which is not part of the score term.
     """
     latent = [(name, site) for name, site in sample_sites(guide_trace) if not site["is_observed"]]
     for name, site in latent:
@@ -118,22 +129,52 @@ def detached_guide_trace(
                 f"sticking-the-landing and DReG gradients need reparameterized guide samples; "
                 f"guide site {name!r} ({type(site['fn']).__name__}) has none"
             )
-    detached_fns = {name: _detached_distribution(site["fn"]) for name, site in latent}
-    if len(latent) == 1 and all(fn is not None for fn in detached_fns.values()):
-        # No second run of the guide's networks: the same samples, densities with stopped parameters.
+    if len(latent) == 1:
+        name, site = latent[0]
+        detached_fn = _detached_distribution(site["fn"])
         trace = Trace()
-        for name, site in guide_trace.nodes.items():
-            trace.nodes[name] = site | {"fn": detached_fns[name]} if name in detached_fns else site
+        for key, node in guide_trace.nodes.items():
+            trace.nodes[key] = node | {"fn": detached_fn or _ScoreFree(node["fn"])} if key == name else node
         return trace
-    if not isinstance(guide, nn.Module):
+    with (
+        poutine.trace() as tracer,
+        poutine.replay(trace=guide_trace),
+        _particles(num_particles, plate_nesting),
+        _DetachedParams(),
+    ):
+        if isinstance(guide, nn.Module):
+            detached = {name: param.detach() for name, param in guide.named_parameters()}
+            torch.func.functional_call(guide, detached, args, kwargs)
+        else:
+            guide(*args, **kwargs)
+    registered = [name for name, site in tracer.trace.nodes.items() if site["type"] == "param" and "$$$" in name]
+    if registered and not isinstance(guide, nn.Module):
         raise InputError(
-            "sticking-the-landing and DReG gradients re-run a guide with non-Normal sites with its "
-            f"parameters detached, which needs an nn.Module guide; got {type(guide).__name__}"
+            f"sticking-the-landing and DReG gradients re-run a guide with several sites with its parameters "
+            f"detached; this guide function runs a network registered with pyro.module ({registered[0]!r}), whose "
+            "parameters a re-run cannot detach: make the guide an nn.Module"
         )
-    detached = {name: param.detach() for name, param in guide.named_parameters()}
-    with poutine.trace() as tracer, poutine.replay(trace=guide_trace), _particles(num_particles, plate_nesting):
-        torch.func.functional_call(guide, detached, args, kwargs)
     return tracer.trace
+
+
+class _DetachedParams(Messenger):
+    """``pyro.param`` returns its value detached: the re-run guide's parameters carry no gradient."""
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        msg["value"] = msg["value"].detach()
+
+
+class _ScoreFree:
+    """A distribution's log density without its score term: the value of ``log q``, the pathwise gradient only."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.has_rsample = fn.has_rsample
+        self.event_shape, self.batch_shape = fn.event_shape, fn.batch_shape
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        at_fixed = self.fn.log_prob(value.detach())
+        return self.fn.log_prob(value) - at_fixed + at_fixed.detach()
 
 
 def _detached_distribution(fn: Any) -> Any:
@@ -147,17 +188,8 @@ def _detached_distribution(fn: Any) -> Any:
 
 
 def max_plate_nesting(model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict) -> int:
-    """How many plates deep the model and guide nest (one un-vectorized run, without gradients)."""
-    with torch.no_grad():
-        model_trace, guide_trace = run_traced(model, guide, args, kwargs)
-    dims = [
-        -frame.dim
-        for trace in (model_trace, guide_trace)
-        for _, site in sample_sites(trace)
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=0)
+    """How many plates deep the model and guide nest, from the pair's checked contract."""
+    return pair_contract(model, guide, args, kwargs).plate_nesting
 
 
 def sample_sites(trace: Trace) -> list[tuple[str, dict]]:
@@ -169,32 +201,52 @@ def sample_sites(trace: Trace) -> list[tuple[str, dict]]:
     ]
 
 
-def local_latent_sites(trace: Trace, purpose: str, vectorizing: tuple[str, ...] = (PARTICLE_PLATE,)) -> list[tuple[str, dict]]:
-    """The latent sites of a trace, each one value per data point: inside ``pyro.plate("data")`` only.
+def local_latent_sites(
+    trace: Trace, purpose: str, vectorizing: tuple[str, ...] = (PARTICLE_PLATE,), plate: str = DATA_PLATE
+) -> list[tuple[str, dict]]:
+    """The latent sites of a trace inside the data plate ``plate``, each one value per data point.
 
-    Observed and auxiliary sites (an auto guide's joint variable) are skipped; ``vectorizing``
-    names plates added around the program to draw several samples at once. A latent outside the
-    data plate, or in a further plate, is an :class:`InputError` naming it and ``purpose``.
+    Observed and auxiliary sites (an auto guide's joint variable) are skipped, and so are latents
+    outside the data plate (global latents); ``vectorizing`` names plates added around the
+    program to draw several samples at once. A latent in a further plate is an
+    :class:`InputError` naming it and ``purpose``.
     """
     sites = []
     for name, site in sample_sites(trace):
         if site["is_observed"] or site["infer"].get("is_auxiliary"):
             continue
         frames = [frame.name for frame in site["cond_indep_stack"] if frame.name not in vectorizing]
-        if DATA_PLATE not in frames:
-            raise InputError(f"latent site {name!r} is outside pyro.plate({DATA_PLATE!r}); {purpose} reads per-data-point latents only")
+        if plate not in frames:
+            continue
         if len(frames) > 1:
-            raise InputError(f"latent site {name!r} sits in plates besides {DATA_PLATE!r}, which {purpose} does not read")
+            raise InputError(f"latent site {name!r} sits in plates besides {plate!r}, which {purpose} does not read")
         sites.append((name, site))
     return sites
 
 
-def site_log_prob(site: dict) -> Tensor:
-    """``log p(value)`` of a sample site, with its plate scale and mask applied, unsummed."""
+def data_plate_of(trace: Trace, batch_size: int, vectorizing: tuple[str, ...] = (PARTICLE_PLATE,)) -> str:
+    """The name of the plate of size ``batch_size`` around a guide's latent sites (for tools that run the guide alone)."""
+    names = {
+        frame.name
+        for _, site in sample_sites(trace)
+        if not site["is_observed"]
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.name not in vectorizing and frame.size == batch_size
+    }
+    if len(names) == 1:
+        return names.pop()
+    if DATA_PLATE in names:
+        return DATA_PLATE
+    found = ", ".join(sorted(repr(n) for n in names)) or "none"
+    raise InputError(f"the guide has no single plate over the {batch_size} data points around its latent sites (found {found})")
+
+
+def site_log_prob(site: dict, scaled: bool = True) -> Tensor:
+    """``log p(value)`` of a sample site, with its mask (and, when ``scaled``, its plate scale) applied, unsummed."""
     try:
         log_prob = site["fn"].log_prob(site["value"])
     except (NotImplementedError, KeyError):
-        if not isinstance(site["fn"], torch.distributions.TransformedDistribution):
+        if not isinstance(getattr(site["fn"], "fn", site["fn"]), torch.distributions.TransformedDistribution):
             raise
         # Pyro's planar and radial flows invert only their own cached samples (KeyError otherwise).
         raise InputError(
@@ -207,7 +259,7 @@ def site_log_prob(site: dict) -> Tensor:
         log_prob = log_prob.masked_fill(~mask, 0.0)
     elif mask is False:
         log_prob = torch.zeros_like(log_prob)
-    if not _is_unit(site["scale"]):
+    if scaled and not _is_unit(site["scale"]):
         log_prob = log_prob * site["scale"]
     return log_prob
 
@@ -216,17 +268,14 @@ def _is_unit(scale: Any) -> bool:
     return scale is None or (isinstance(scale, (int, float)) and scale == 1.0)
 
 
-def data_plate_dim(trace: Trace) -> int:
-    """The (negative) dim of ``pyro.plate("data")`` in a trace; an error if the model has none."""
+def data_plate_dim(trace: Trace, plate: str = DATA_PLATE) -> int:
+    """The (negative) dim of the data plate ``plate`` in a trace; an error if the trace has none."""
     for site in trace.nodes.values():
         if site["type"] == "sample":
             for frame in site["cond_indep_stack"]:
-                if frame.name == DATA_PLATE:
+                if frame.name == plate:
                     return frame.dim
-    raise InputError(
-        'the model has no pyro.plate("data", N): the model contract puts every data point\'s '
-        'latents and the observation "x" inside it'
-    )
+    raise InputError(f"the model has no pyro.plate({plate!r}, N) around its observed sites")
 
 
 def _per_point(log_prob: Tensor, particle_dim: int, data_dim: int) -> Tensor:
@@ -241,72 +290,83 @@ def _per_point(log_prob: Tensor, particle_dim: int, data_dim: int) -> Tensor:
     return log_prob.reshape(log_prob.shape[ndim + particle_dim], log_prob.shape[ndim + data_dim])
 
 
+def _in_plates(site: dict, plates: frozenset[str] | set[str]) -> bool:
+    return any(frame.name in plates for frame in site["cond_indep_stack"])
+
+
 def log_weights_per_point(
-    model_trace: Trace, guide_trace: Trace, plate_nesting: int
+    model_trace: Trace, guide_trace: Trace, plate_nesting: int, contract: Contract
 ) -> tuple[Tensor, Tensor]:
     """Per particle and data point: ``log p(x, z) - log q(z | x)`` and ``log p(x | z)``, each ``[K, N]``.
 
-    Requires traces from :func:`run_traced` with particles at dim ``-(plate_nesting + 1)``.
-    Sites outside the data plate (global latents) enter every data point's weight once.
+    Requires traces from :func:`run_traced` with particles at dim ``-(plate_nesting + 1)``. Only
+    sites inside the data plate enter: for a model with global latents the weights are those of
+    ``p(x_n, z_n | g) / q(z_n | x_n, g)`` at the particle's global draw ``g ~ q(g)``, so that their
+    mean estimates the posterior predictive ``p(x_n | data)`` under ``q(g)``, not ``p(x_n)``. The
+    sites' scales are applied as they stand (evaluation runs under a unit data-plate scale).
     """
-    data_dim = data_plate_dim(model_trace)
+    data_dim = data_plate_dim(model_trace, contract.data_plate)
     particle_dim = -(plate_nesting + 1)
+    plates = contract.plates
     log_weight: Tensor | float = 0.0
     log_lik: Tensor | float = 0.0
     for _, site in sample_sites(model_trace):
+        if not _in_plates(site, plates):
+            continue
         term = _per_point(site_log_prob(site), particle_dim, data_dim)
         log_weight = log_weight + term
         if site["is_observed"]:
             log_lik = log_lik + term
-    if not isinstance(log_lik, Tensor):
-        raise InputError('the model observes no data (no sample site with obs=...): nothing to weigh')
     for _, site in sample_sites(guide_trace):
-        if not site["is_observed"]:
+        if not site["is_observed"] and _in_plates(site, plates):
             log_weight = log_weight - _per_point(site_log_prob(site), particle_dim, data_dim)
     log_weight, log_lik = torch.broadcast_tensors(log_weight, log_lik)
     return log_weight, log_lik
 
 
 def importance_terms(
-    model_trace: Trace, guide_trace: Trace, plate_nesting: int, q_trace: Trace | None = None
+    model_trace: Trace, guide_trace: Trace, plate_nesting: int, contract: Contract, q_trace: Trace | None = None
 ) -> tuple[Tensor, Tensor | float, float]:
-    """The pieces of importance-weighted objectives, with the data plate's subsampling undone.
+    """The pieces of importance-weighted objectives, with the data plate's scale taken out.
 
     Returns:
         ``local``: ``[K, N]``, per particle and data point, ``log p - log q`` of every site inside
-        ``pyro.plate("data")``, *without* the plate's subsample scale, so that a logsumexp over
-        particles is taken of true per-point weights; ``global_``: ``[K]`` (or 0), ``log p - log
-        q`` of the sites outside the data plate, scaled as Pyro scales them; ``data_scale``: the
-        data plate's ``full_size / subsample_size`` (1 without subsampling), to apply *outside*
-        the logsumexp.
+        the data plate, *without* the plate's scale, so that a logsumexp over particles is taken
+        of true per-point weights; ``global_``: ``[K]`` (or 0), ``log p - log q`` of the sites
+        outside the data plate, scaled as they stand; ``data_scale``: the scale every site inside
+        the data plate carries (``N / B`` under subsampling or with global latents in training, 1
+        otherwise), to apply *outside* the logsumexp.
 
     ``q_trace`` (default: ``guide_trace``) supplies the guide densities, e.g. a
     :func:`detached_guide_trace`.
     """
-    data_dim = data_plate_dim(model_trace)
-    frame = next(
-        f for _, site in sample_sites(model_trace) for f in site["cond_indep_stack"] if f.name == DATA_PLATE
-    )
-    data_scale = frame.full_size / frame.size if frame.full_size else 1.0
+    data_dim = data_plate_dim(model_trace, contract.data_plate)
+    plates = contract.plates
     particle_dim = -(plate_nesting + 1)
     local: Tensor | None = None
     global_: Tensor | float = 0.0
+    data_scale: Any = None
     for trace, sign in ((model_trace, 1.0), (q_trace if q_trace is not None else guide_trace, -1.0)):
-        for _, site in sample_sites(trace):
+        for name, site in sample_sites(trace):
             if sign < 0 and site["is_observed"]:
                 continue
-            log_prob = site_log_prob(site)
-            if any(f.name == DATA_PLATE for f in site["cond_indep_stack"]):
-                if data_scale != 1.0:
-                    log_prob = log_prob / data_scale
-                term = _per_point(log_prob, particle_dim, data_dim)
+            if _in_plates(site, plates):
+                scale = 1.0 if site["scale"] is None else site["scale"]
+                if data_scale is None:
+                    data_scale = scale
+                elif scale is not data_scale and scale != data_scale:
+                    raise InputError(
+                        f"importance-weighted objectives weigh each data point's sites together, which needs one "
+                        f"scale on every site of the data plate; site {name!r} has {scale}, another {data_scale}"
+                    )
+                term = _per_point(site_log_prob(site, scaled=False), particle_dim, data_dim)
                 # Every op here is one more node in the backward pass of every training step.
                 local = (term if sign > 0 else -term) if local is None else (local + term if sign > 0 else local - term)
             else:
-                global_ = global_ + sign * _per_point(log_prob, particle_dim, data_dim).sum(-1)
+                global_ = global_ + sign * _per_point(site_log_prob(site), particle_dim, data_dim).sum(-1)
     if local is None:
-        raise InputError('the model has no sample site inside pyro.plate("data"): nothing to weigh per data point')
-    return local, global_, data_scale
+        raise InputError(f"the model has no sample site inside its data plate {contract.data_plate!r}: nothing to weigh per data point")
+    return local, global_, float(data_scale)
 
 
 def per_point_weights_to_site(weights: Tensor, site: dict, plate_nesting: int, data_dim: int) -> Tensor:

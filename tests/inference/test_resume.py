@@ -88,7 +88,7 @@ class SignalAtCall(VAE):
         self.calls, self.signal_at, self.signum = 0, signal_at, signum
 
     def forward(self, x, *args):
-        self.calls += 1
+        self.calls += torch.is_grad_enabled()  # the pair's check runs without gradients: not a step
         if self.calls == self.signal_at:
             signal.raise_signal(self.signum)
         return super().forward(x, *args)
@@ -129,7 +129,7 @@ class NonFinite(VAE):
         first.register_hook(lambda grad: grad * math.nan if self.calls in self.nan_grad else grad)
 
     def forward(self, x, *args):
-        self.calls += 1
+        self.calls += torch.is_grad_enabled()  # the pair's check runs without gradients: not a step
         if x is not None and self.calls in self.nan_loss:
             x = x * math.nan
         return super().forward(x, *args)

@@ -1,0 +1,376 @@
+"""The model contract, checked: one trace of a model and its guide, compared site by site.
+
+Every objective and estimator of elbolab reads log densities off a guide's trace and the model's
+trace replayed on it. Those numbers mean what they should only when the pair agrees: the guide
+samples every latent site of the model and no site the model lacks, each at the value shape the
+model expects, inside the model's support; the data plate and the observed sites are the ones
+the estimator takes them to be. :func:`pair_contract` traces the pair once (per model, guide and
+data shape), refuses a disagreement with an :class:`~elbolab.errors.InputError` naming the sites,
+and returns a :class:`Contract` that says where the data plate and each kind of site are.
+
+The data plate is found, not assumed: the plate (vectorized, around every observed site) whose
+size is the batch's, or the one a model names with a ``data_plate`` attribute
+(``model.data_plate = "batch"``). A model may declare it on the batch, ``pyro.plate("data", B)``,
+or with Pyro's subsampling, ``pyro.plate("data", N, subsample_size=len(x))``, stating the full size.
+
+:class:`DataPlateScale` gives every site inside the data plate one total scale, whichever idiom
+the model uses and whether or not the guide's plate subsamples: ``N / B`` in training (so that a
+minibatch loss is an unbiased estimate of the whole data set's objective, with global latents
+counted once per pass), ``1`` in evaluation. It also hands the data plate its subsample indices
+(the batch's rows), so that every batch size works.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Contract", "DataPlateScale", "check_pair", "floating_dtype", "pair_contract", "refuse_not_reparameterized"]
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+
+from elbolab.data.checks import check_rows_in_support, describe_support
+from elbolab.errors import InputError
+
+PARTICLE_PLATE = "particles"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Where a model/guide pair keeps its data plate and its sites, as :func:`check_pair` found them.
+
+    Attributes:
+        data_plate: the name of the model's plate over the data points.
+        guide_plate: the name of the guide's plate at the same dim (usually the same name), or
+            ``None`` when the guide samples no per-point site.
+        full_size: the number of data points the model's data plate states when it subsamples
+            (``pyro.plate(name, N, subsample_size=B)``), else ``None``.
+        subsampled_guide: whether the guide's plate over the data points subsamples.
+        subsamples_input: whether the model subsamples the data it is given (Pyro's idiom for a
+            whole data set, ``pyro.plate("data", len(x), subsample_size=B)`` with ``x[index]``
+            inside): fine for an objective, refused by ``fit`` (which passes minibatches itself)
+            and by the estimators (which weigh every point).
+        observed: the model's observed sites, in order.
+        local_latents: latent sites inside the data plate, one value per data point.
+        global_latents: latent sites outside it, shared by every data point.
+        auxiliary: guide sites marked ``infer={"is_auxiliary": True}`` (an auto guide's joint variable).
+        not_reparameterized: guide sites whose distribution has no reparameterized sampler.
+        plate_nesting: how many plates deep model and guide nest (where a particle plate goes).
+    """
+
+    data_plate: str
+    guide_plate: str | None
+    full_size: int | None
+    subsampled_guide: bool
+    subsamples_input: bool
+    observed: tuple[str, ...]
+    local_latents: tuple[str, ...]
+    global_latents: tuple[str, ...]
+    auxiliary: tuple[str, ...]
+    not_reparameterized: tuple[str, ...]
+    plate_nesting: int
+
+    @property
+    def plates(self) -> frozenset[str]:
+        """The names of the data plates of model and guide."""
+        return frozenset(name for name in (self.data_plate, self.guide_plate) if name is not None)
+
+    @property
+    def needs_scaling(self) -> bool:
+        """Whether a minibatch objective must scale the data plate: global latents or subsampling."""
+        return bool(self.global_latents) or self.full_size is not None or self.subsampled_guide
+
+
+class DataPlateScale(Messenger):
+    """Give every sample site inside the data plate the total scale ``scale``; supply its subsample indices.
+
+    A site inside a subsampling plate already carries ``full_size / subsample_size`` (Pyro's plate
+    puts it there); that factor is replaced, not multiplied. ``indices`` (the batch's rows in the
+    data set) become the subsample of a data plate that would draw its own at random.
+
+    Example:
+        >>> with DataPlateScale(contract.plates, num_points / batch_points, batch_index):
+        ...     loss = objective.differentiable_loss(model, guide, batch)
+    """
+
+    def __init__(self, plates: frozenset[str], scale: float, indices: Tensor | None = None) -> None:
+        super().__init__()
+        self.plates, self.scale, self.indices = plates, float(scale), indices
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if site_is_subsample(msg):
+            if (
+                msg["name"] in self.plates
+                and msg["value"] is None
+                and self.indices is not None
+                and msg["fn"].subsample_size in (None, len(self.indices))
+            ):
+                msg["value"] = self.indices
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name in self.plates:
+                subsampled = frame.full_size is not None and frame.full_size != frame.size
+                factor = self.scale * frame.size / frame.full_size if subsampled else self.scale
+                if factor != 1.0:
+                    msg["scale"] = factor * msg["scale"]
+                return
+
+
+def _describe(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _shape_of(args: tuple) -> str:
+    return ", ".join(str(tuple(a.shape)) if isinstance(a, Tensor) else type(a).__name__ for a in args)
+
+
+def _run(what: str, program: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    try:
+        program(*args, **kwargs)
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError, NotImplementedError) as error:
+        if "subsample_size does not match" in str(error):
+            raise InputError(
+                f"the {what}'s data plate fixes its subsample_size, but elbolab passes batches of other sizes "
+                f"(here {args[0].shape[0]} points): write pyro.plate(NAME, N, subsample_size=len(x))"
+            ) from None
+        raise InputError(f"the {what} fails on input of shape {_shape_of(args)}: {_describe(error)}") from None
+
+
+def check_pair(model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> Contract:
+    """Trace ``guide(*args)`` and ``model(*args)`` replayed on it once; compare their sites.
+
+    Refused, each with an :class:`~elbolab.errors.InputError` naming the sites: a latent of the
+    model that the guide does not sample (or marks for enumeration, which elbolab does not do
+    yet); a guide site the model does not have or observes; a latent inside the data plate in
+    one program and outside it in the other; a guide value of another shape than the model's
+    site, or outside its support; observed data outside their site's support (non-binary data
+    under a Bernoulli likelihood, with the rows named); a model without observed sites or
+    without a plate over the batch. Runs without gradients and leaves the random generators as
+    it found them.
+    """
+    kwargs = kwargs or {}
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+        raise InputError("elbolab calls model(x, *args) with a batch of data x [N, ...] first; got no tensor")
+    batch_size = args[0].shape[0]
+    devices = [a.device for a in args if isinstance(a, Tensor) and a.is_cuda][:1]
+    indices = torch.arange(batch_size, device=args[0].device)
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block(), _Indices(indices):
+        with poutine.trace() as guide_tracer:
+            _run("guide", guide, args, kwargs)
+        with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace):
+            _run("model", model, args, kwargs)
+    return _compare(model, model_tracer.trace, guide_tracer.trace, batch_size)
+
+
+class _Indices(Messenger):
+    """Supplies ``arange(B)`` as the subsample of every plate that would draw its own (for the check's trace)."""
+
+    def __init__(self, indices: Tensor) -> None:
+        super().__init__()
+        self.indices = indices
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if site_is_subsample(msg) and msg["value"] is None and msg["fn"].subsample_size in (None, len(self.indices)):
+            msg["value"] = self.indices
+
+
+def _sample_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
+    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and not site_is_subsample(site)]
+
+
+def _plates(site: dict) -> list[Any]:
+    return [frame for frame in site["cond_indep_stack"] if frame.vectorized and frame.name != PARTICLE_PLATE]
+
+
+def _names(names: list[str] | tuple[str, ...]) -> str:
+    return ", ".join(repr(name) for name in names) or "none"
+
+
+def _find_data_plate(model: Callable[..., Any], observed: list[tuple[str, dict]], batch_size: int) -> Any:
+    """The frame of the model's data plate: named by ``model.data_plate``, or the plate over the batch."""
+    named = getattr(model, "data_plate", None)
+    common = None
+    for _, site in observed:
+        frames = {frame.name: frame for frame in _plates(site)}
+        common = frames if common is None else {k: v for k, v in common.items() if k in frames}
+    common = common or {}
+    if named is not None:
+        if named not in common:
+            raise InputError(
+                f"the model names its data plate {named!r} (model.data_plate), but the observed site(s) "
+                f"{_names([n for n, _ in observed])} sit in plates {_names(sorted(common))}"
+            )
+        return common[named]
+    over_batch = [frame for frame in common.values() if frame.size == batch_size]
+    if not over_batch:  # Pyro's idiom for a whole data set: the plate subsamples the x it is given
+        over_batch = [frame for frame in common.values() if frame.full_size == batch_size]
+    if len(over_batch) > 1:
+        over_batch = [frame for frame in over_batch if frame.name == "data"] or over_batch
+    if len(over_batch) == 1:
+        return over_batch[0]
+    found = ", ".join(f"{name!r} (size {frame.size})" for name, frame in common.items()) or "none"
+    if not over_batch:
+        raise InputError(
+            f"found no plate over the batch of {batch_size} data points around the observed site(s) "
+            f"{_names([n for n, _ in observed])}: elbolab looks for pyro.plate(NAME, {batch_size}) (or "
+            f"pyro.plate(NAME, N, subsample_size={batch_size})) around every observed site, and found plates {found}"
+        )
+    raise InputError(
+        f"several plates of size {batch_size} surround the observed sites ({found}); name the data plate "
+        "with model.data_plate = NAME"
+    )
+
+
+def _compare(model: Callable[..., Any], model_trace: poutine.Trace, guide_trace: poutine.Trace, batch_size: int) -> Contract:
+    model_sites = dict(_sample_sites(model_trace))
+    guide_sites = dict(_sample_sites(guide_trace))
+    observed = [(n, s) for n, s in model_sites.items() if s["is_observed"]]
+    latents = [(n, s) for n, s in model_sites.items() if not s["is_observed"]]
+    if not observed:
+        raise InputError("the model observes no data: no sample site has obs=..., so there is nothing to weigh")
+    auxiliary = [n for n, s in guide_sites.items() if s["infer"].get("is_auxiliary")]
+    guide_latents = [n for n, s in guide_sites.items() if not s["infer"].get("is_auxiliary") and not s["is_observed"]]
+    for name, site in latents:
+        if site["infer"].get("enumerate"):
+            raise InputError(
+                f"the model's discrete site {name!r} is marked for enumeration (infer={{'enumerate': ...}}); "
+                "elbolab's objectives and estimators do not sum out discrete latents yet: sample it in the guide"
+            )
+        if name not in guide_sites or guide_sites[name]["infer"].get("is_auxiliary"):
+            raise InputError(
+                f"the model's latent site {name!r} is not sampled by the guide (the guide samples "
+                f"{_names(guide_latents)}): a guide must sample every latent site of the model, under the same name"
+            )
+    for name in guide_latents:
+        if name not in model_sites:
+            raise InputError(
+                f"the guide samples {name!r}, which is not a site of the model (the model's latents: "
+                f"{_names([n for n, _ in latents])}); rename the guide's site or the model's"
+            )
+        if model_sites[name]["is_observed"]:
+            raise InputError(f"the guide samples {name!r}, which the model observes (obs=...); a guide samples latents only")
+
+    frame = _find_data_plate(model, observed, batch_size)
+    data_plate, data_dim = frame.name, frame.dim
+    full_size = frame.full_size if frame.full_size is not None and frame.full_size != frame.size else None
+    for name, site in observed:
+        _check_observed(name, site, data_dim)
+
+    guide_plate, subsampled_guide = None, False
+    local, global_ = [], []
+    for name, site in latents:
+        q_site = guide_sites[name]
+        in_model = any(f.name == data_plate for f in _plates(site))
+        q_frames = [f for f in _plates(q_site) if f.dim == data_dim and f.size == frame.size]
+        if in_model != bool(q_frames):
+            where = "inside" if in_model else "outside"
+            other = "outside" if in_model else "inside"
+            raise InputError(
+                f"latent site {name!r} sits {where} the model's data plate {data_plate!r} but {other} the guide's "
+                f"plate over the data points (dim {data_dim}): a per-point latent must be per-point in both"
+            )
+        if q_frames:
+            if guide_plate is not None and q_frames[0].name != guide_plate:
+                raise InputError(f"the guide's per-point sites sit in two plates, {guide_plate!r} and {q_frames[0].name!r}")
+            guide_plate = q_frames[0].name
+            subsampled_guide = q_frames[0].full_size not in (None, q_frames[0].size)
+        (local if in_model else global_).append(name)
+        expected = tuple(site["fn"].batch_shape + site["fn"].event_shape)
+        got = tuple(q_site["value"].shape)
+        if got != expected:
+            raise InputError(
+                f"latent site {name!r}: the guide's value has shape {got}, the model's site {expected} "
+                f"(batch shape {tuple(site['fn'].batch_shape)}, event shape {tuple(site['fn'].event_shape)})"
+            )
+        _check_in_support({**site, "value": q_site["value"]}, f"the guide's draws of {name!r}")
+    not_reparameterized = tuple(
+        n for n in guide_latents + auxiliary if not getattr(guide_sites[n]["fn"], "has_rsample", False)
+    )
+    return Contract(
+        data_plate=data_plate,
+        guide_plate=guide_plate,
+        full_size=full_size,
+        subsampled_guide=subsampled_guide,
+        subsamples_input=frame.size != batch_size,
+        observed=tuple(n for n, _ in observed),
+        local_latents=tuple(local),
+        global_latents=tuple(global_),
+        auxiliary=tuple(auxiliary),
+        not_reparameterized=not_reparameterized,
+        plate_nesting=max(
+            (-f.dim for trace in (model_sites, guide_sites) for s in trace.values() for f in _plates(s)), default=0
+        ),
+    )
+
+
+def _check_observed(name: str, site: dict, data_dim: int) -> None:
+    """Refuse data outside the support of the site that observes them, naming the rows."""
+    value = site["value"]
+    if not isinstance(value, Tensor) or value.dim() < -data_dim:
+        return
+    try:
+        check_rows_in_support(value.movedim(data_dim, 0), site["fn"].support, "the data", name)
+    except (RuntimeError, NotImplementedError):
+        return  # a support that cannot check this value (a dependent one): leave it to the density
+
+
+def _check_in_support(site: dict, what: str) -> None:
+    """Refuse guide draws outside the support of the model's site."""
+    fn, value = site["fn"], site["value"]
+    try:
+        inside = bool(fn.support.check(value).all())
+    except (RuntimeError, ValueError, NotImplementedError):
+        return
+    if not inside:
+        raise InputError(f"{what} lie outside the model's support for it, {describe_support(fn.support)}")
+
+
+# The last pairs checked: (model, guide, their input layout) -> contract. The entries hold the
+# model and guide themselves, so that an id is never reused while its entry lives.
+_CHECKED: OrderedDict[tuple, tuple[Any, Any, Contract]] = OrderedDict()
+_CHECKED_MAX = 16
+
+
+def pair_contract(model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> Contract:
+    """:func:`check_pair`, once per model, guide and input layout (shapes beyond the batch, dtypes)."""
+    layout = tuple((tuple(a.shape[1:]), a.dtype, a.device) if isinstance(a, Tensor) else type(a) for a in args)
+    key = (id(model), id(guide), layout, tuple(sorted((kwargs or {}).keys())))
+    entry = _CHECKED.get(key)
+    if entry is not None:
+        _CHECKED.move_to_end(key)
+        return entry[2]
+    contract = check_pair(model, guide, args, kwargs)
+    _CHECKED[key] = (model, guide, contract)
+    while len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
+    return contract
+
+
+def floating_dtype(*programs: Any) -> torch.dtype:
+    """The dtype data must have to feed these programs: their first floating parameter's, else torch's default."""
+    for program in programs:
+        if isinstance(program, nn.Module):
+            for tensor in itertools.chain(program.parameters(), program.buffers()):
+                if tensor.is_floating_point():
+                    return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def refuse_not_reparameterized(contract: Contract, objective: str) -> None:
+    """An objective with pathwise gradients refuses guide sites it cannot differentiate through."""
+    if contract.not_reparameterized:
+        name = contract.not_reparameterized[0]
+        raise InputError(
+            f"{objective} differentiates through the guide's samples, and the guide's site {name!r} has no "
+            "reparameterized sampler (a discrete or score-function site): its gradient would be silently biased"
+        )
+
