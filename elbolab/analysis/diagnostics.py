@@ -60,15 +60,18 @@ from pyro import poutine
 from torch import Tensor
 
 from elbolab import __version__
+from elbolab.contract import DataPlateScale
 from elbolab.errors import InputError
 from elbolab.inference import log_importance_weights
-from elbolab.inference.evaluate import CHUNK_ELEMENTS
+from elbolab.inference.evaluate import CHUNK_ELEMENTS, evaluation_inputs
 from elbolab.inference.traces import (
     PARTICLE_PLATE,
+    data_plate_dim,
     local_latent_sites,
     log_weights_per_point,
-    max_plate_nesting,
+    per_point,
     run_traced,
+    site_log_prob,
 )
 
 K_HAT_GOOD = 0.5  # below: importance sampling from q is reliable for this point
@@ -208,40 +211,53 @@ def to_inference_data(
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     if int(prior_samples) != prior_samples or prior_samples < 0:
         raise InputError(f"prior_samples must be a non-negative integer, got {prior_samples}")
+    x, args, contract = evaluation_inputs(model, guide, x, args)
     num_points = x.shape[0]
-    if num_points == 0:
-        raise InputError("no data points to export")
     if labels is not None and labels.shape[0] != num_points:
         raise InputError(f"labels hold {labels.shape[0]} entries for {num_points} data points")
     obs = np.arange(num_points) if obs is None else np.asarray(obs, dtype=np.int64)
     if obs.shape != (num_points,):
         raise InputError(f"obs holds {obs.size} coordinates for {num_points} data points")
     statistics = dict(statistics or {})
+    observed_names = contract.observed
+    if statistics and len(observed_names) > 1:
+        raise InputError(
+            f"statistics summarize one observed site, and the model observes {len(observed_names)} "
+            f"({', '.join(map(repr, observed_names))}): leave statistics out"
+        )
     width = max(1, math.prod(x.shape[1:]))
-    nesting = max_plate_nesting(model, guide, (x[:1], *(a[:1] for a in args)), {})
+    nesting = contract.plate_nesting
     chunk = max(1, CHUNK_ELEMENTS // (max(num_samples, prior_samples) * width))
     latents: dict[str, list[np.ndarray]] = {}
-    event_shapes: dict[str, tuple[int, ...]] = {}
-    replicated, log_lik, log_weight = [], [], []
+    shapes: dict[str, tuple[int, ...]] = {}
+    replicated: dict[str, list[np.ndarray]] = {name: [] for name in observed_names}
+    observed: dict[str, list[np.ndarray]] = {name: [] for name in observed_names}
+    log_lik: dict[str, list[np.ndarray]] = {name: [] for name in observed_names}
+    log_weight = []
     with pyro.validation_enabled(False):
         for start in range(0, num_points, chunk):
             batch = (x[start : start + chunk], *(a[start : start + chunk] for a in args))
             n = batch[0].shape[0]
-            model_trace, guide_trace = run_traced(model, guide, batch, {}, num_samples, nesting)
-            for name, site in local_latent_sites(model_trace, "to_inference_data"):
-                event_shapes[name] = tuple(site["fn"].event_shape)
-                latents.setdefault(name, []).append(_numpy(site["value"], num_samples, n, event_shapes[name]))
-            sample = model_trace.nodes["x"]["fn"].sample()
-            replicated.append(_numpy(sample, num_samples, n, tuple(x.shape[1:])))
-            w, ll = log_weights_per_point(model_trace, guide_trace, nesting)
+            rows = torch.arange(start, start + n, device=x.device)
+            with DataPlateScale(contract.plates, 1.0, rows):
+                model_trace, guide_trace = run_traced(model, guide, batch, {}, num_samples, nesting)
+            data_dim = data_plate_dim(model_trace, contract.data_plate)
+            for name, site in local_latent_sites(model_trace, "to_inference_data", plate=contract.data_plate):
+                shapes[name] = _point_shape(site, data_dim)
+                latents.setdefault(name, []).append(_numpy(site["value"], num_samples, n, shapes[name]))
+            for name in observed_names:
+                site = model_trace.nodes[name]
+                shapes[name] = _point_shape(site, data_dim)
+                replicated[name].append(_numpy(site["fn"].sample(), num_samples, n, shapes[name]))
+                observed[name].append(site["value"].reshape(n, *shapes[name]).cpu().numpy())
+                log_lik[name].append(per_point(site_log_prob(site), -(nesting + 1), data_dim).expand(num_samples, n).cpu().numpy())
+            w, _ = log_weights_per_point(model_trace, guide_trace, nesting, contract)
             log_weight.append(w.cpu().numpy())
-            log_lik.append(ll.cpu().numpy())
     posterior = {name: np.concatenate(parts, axis=1)[None] for name, parts in latents.items()}
-    x_rep = np.concatenate(replicated, axis=1)[None]  # [1, S, N, D]
-    x_obs = x.detach().cpu().numpy()
-    x_dims = ["obs", *_site_dims("x", tuple(x.shape[1:]))]
-    dims = {name: ["obs", *_site_dims(name, shape)] for name, shape in event_shapes.items()}
-    dims |= {"x": x_dims} | {name: ["obs"] for name in (*statistics, "log_weight", "label")}
+    x_rep = {name: np.concatenate(parts, axis=1)[None] for name, parts in replicated.items()}  # [1, S, N, ...]
+    x_obs = {name: np.concatenate(parts, axis=0) for name, parts in observed.items()}
+    dims = {name: ["obs", *_site_dims(name, shape)] for name, shape in shapes.items()}
+    dims |= {name: ["obs"] for name in (*statistics, "log_weight", "label")}
     coords = {"obs": obs}
     model_name = type(model).__name__ if isinstance(model, torch.nn.Module) else getattr(model, "__name__", "model")
     guide_name = type(guide).__name__ if isinstance(guide, torch.nn.Module) else getattr(guide, "__name__", "guide")
@@ -252,6 +268,10 @@ def to_inference_data(
         "elbolab_version": __version__,
         "num_samples": int(num_samples),
         "posterior_is": "draws of the variational posterior q(z | x); importance weights in sample_stats.log_weight",
+        **({"global_latents": ", ".join(contract.global_latents), "conditional_on": (
+            "every per-point quantity is conditional on global draws from q, one per draw; the global latents "
+            "themselves are not exported"
+        )} if contract.global_latents else {}),
         **(attrs or {}),
     }
     arviz = _arviz()
@@ -262,21 +282,25 @@ def to_inference_data(
         return arviz.dict_to_dataset(variables, attrs=group_attrs, library=pyro, coords=coords, dims=group_dims,
                                      default_dims=None if sampled else [])
 
-    def with_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
-        tensor = torch.from_numpy(images)
-        return {"x": images} | {name: fn(tensor).numpy() for name, fn in statistics.items()}
+    def with_statistics(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not statistics:
+            return values
+        tensor = torch.from_numpy(values[observed_names[0]])
+        return values | {name: fn(tensor).numpy() for name, fn in statistics.items()}
 
     groups = {
         "posterior": dataset(posterior),
         "posterior_predictive": dataset(with_statistics(x_rep)),
-        "log_likelihood": dataset({"x": np.concatenate(log_lik, axis=1)[None]}, per_point=True),
+        "log_likelihood": dataset(
+            {name: np.concatenate(parts, axis=1)[None] for name, parts in log_lik.items()}, per_point=True
+        ),
         "sample_stats": dataset({"log_weight": np.concatenate(log_weight, axis=1)[None]}),
         "observed_data": dataset(with_statistics(x_obs), sampled=False),
     }
     if labels is not None:
         groups["constant_data"] = dataset({"label": labels.detach().cpu().numpy()}, sampled=False)
     if prior_samples:
-        prior, prior_x = _prior_draws(model, x, prior_samples, nesting, chunk)
+        prior, prior_x = _prior_draws(model, x, prior_samples, nesting, chunk, contract, shapes)
         groups["prior"] = dataset(prior)
         groups["prior_predictive"] = dataset(with_statistics(prior_x))
     return arviz.InferenceData(**groups)
@@ -286,22 +310,30 @@ def _numpy(value: Tensor, draws: int, points: int, event_shape: tuple[int, ...])
     return value.reshape(draws, points, *event_shape).cpu().numpy()
 
 
+def _point_shape(site: dict, data_dim: int) -> tuple[int, ...]:
+    """The shape of one data point's value at a site: the dims right of the data plate's."""
+    position = site["value"].dim() - len(site["fn"].event_shape) + data_dim
+    return tuple(site["value"].shape[position + 1 :])
+
+
 def _prior_draws(
-    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, chunk: int
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``draws`` runs of the model with ``x=None``, N points each: latents and generated x, ``[1, draws, N, ...]``."""
+    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, chunk: int, contract: Any, shapes: dict
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``draws`` runs of the model with ``x=None``, N points each: latents and generated observations, ``[1, draws, N, ...]``."""
     latents: dict[str, list[np.ndarray]] = {}
-    generated = []
+    generated: dict[str, list[np.ndarray]] = {name: [] for name in contract.observed}
     for start in range(0, x.shape[0], chunk):
         n = min(chunk, x.shape[0] - start)
-        with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)):
+        rows = torch.arange(start, start + n, device=x.device)
+        with poutine.trace() as tracer, DataPlateScale(contract.plates, 1.0, rows), pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)):
             model(None, batch_size=n)
-        for name, site in local_latent_sites(tracer.trace, "to_inference_data"):
-            latents.setdefault(name, []).append(_numpy(site["value"], draws, n, tuple(site["fn"].event_shape)))
-        generated.append(_numpy(tracer.trace.nodes["x"]["value"], draws, n, tuple(x.shape[1:])))
+        for name, site in local_latent_sites(tracer.trace, "to_inference_data", plate=contract.data_plate):
+            latents.setdefault(name, []).append(_numpy(site["value"], draws, n, shapes[name]))
+        for name in contract.observed:
+            generated[name].append(_numpy(tracer.trace.nodes[name]["value"], draws, n, shapes[name]))
     return (
         {name: np.concatenate(parts, axis=1)[None] for name, parts in latents.items()},
-        np.concatenate(generated, axis=1)[None],
+        {name: np.concatenate(parts, axis=1)[None] for name, parts in generated.items()},
     )
 
 

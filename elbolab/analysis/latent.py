@@ -43,8 +43,10 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import kl_divergence
 
+from elbolab.contract import floating_dtype, pair_contract
+from elbolab.data.checks import as_points
 from elbolab.errors import InputError
-from elbolab.inference.traces import DATA_PLATE, local_latent_sites, run_traced
+from elbolab.inference.traces import data_plate_of, local_latent_sites, run_traced
 from elbolab.models.draws import decode_latents
 
 Guide = Callable[..., Any]
@@ -54,12 +56,21 @@ Model = Callable[..., Any]
 DRAWS_PLATE = "_latent_draws"
 
 
-def _latent_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
-    """The guide's sites that are latents of the model, each inside the data plate (else an error)."""
-    sites = local_latent_sites(trace, "the latent-space tools", vectorizing=(DRAWS_PLATE,))
+def _latent_sites(trace: poutine.Trace, batch_size: int) -> list[tuple[str, dict]]:
+    """The guide's per-point latent sites: inside its plate over the ``batch_size`` data points.
+
+    Global latents (outside that plate) are left out: every tool here reads one value per point.
+    """
+    plate = data_plate_of(trace, batch_size, vectorizing=(DRAWS_PLATE,))
+    sites = local_latent_sites(trace, "the latent-space tools", vectorizing=(DRAWS_PLATE,), plate=plate)
     if not sites:
-        raise InputError(f"the guide has no latent sample site inside pyro.plate({DATA_PLATE!r})")
+        raise InputError(f"the guide has no latent sample site inside its plate {plate!r} over the data points")
     return sites
+
+
+def _guide_points(guide: Guide, x: Any, what: str = "x") -> Tensor:
+    """``x`` checked (finite rows, numpy converted) in the guide's floating dtype."""
+    return as_points(x, what, dtype=floating_dtype(guide))
 
 
 def _as_points(x: Tensor, name: str) -> Tensor:
@@ -77,11 +88,12 @@ def latent_draws(guide: Guide, x: Tensor, *args: Tensor, num_samples: int) -> di
 
     ``args`` are the guide's further per-point arguments (a conditional guide's labels).
     """
+    x = _guide_points(guide, x)
     with pyro.plate(DRAWS_PLATE, num_samples, dim=-2), pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(x, *args)
     return {
         name: site["value"].reshape(num_samples, x.shape[0], *site["fn"].event_shape)
-        for name, site in _latent_sites(trace)
+        for name, site in _latent_sites(trace, x.shape[0])
     }
 
 
@@ -92,9 +104,10 @@ def posterior_means(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 2
     Exact where the guide's distribution has a mean (a Delta site of an auto guide is one draw,
     so it does not count); otherwise the average of ``num_samples`` draws.
     """
+    x = _guide_points(guide, x)
     with pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(x, *args)
-    sites = _latent_sites(trace)
+    sites = _latent_sites(trace, x.shape[0])
     means: dict[str, Tensor] = {}
     for name, site in sites:
         if isinstance(site["fn"], dist.Delta):
@@ -320,10 +333,12 @@ def kl_per_dimension(model: Model, guide: Guide, x: Tensor) -> pd.DataFrame:
     Returns:
         A DataFrame with columns ``site``, ``dim`` and ``kl``.
     """
+    x = _guide_points(guide, x)
+    pair_contract(model, guide, (x,))
     with pyro.validation_enabled(False):
         model_trace, guide_trace = run_traced(model, guide, (x,), {})
     rows = []
-    for name, site in _latent_sites(guide_trace):
+    for name, site in _latent_sites(guide_trace, x.shape[0]):
         q, p = _diagonal_normal(site["fn"]), _diagonal_normal(model_trace.nodes[name]["fn"])
         if q is None or p is None:
             which = "guide" if q is None else "prior"

@@ -28,17 +28,17 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to, constraints
 
+from elbolab.contract import find_data_plate, trace_model
+from elbolab.data.checks import as_points
 from elbolab.errors import InputError, closest_names
 from elbolab.guides.config import GUIDE_CLASSES
 
 FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "depth", "flow_hidden")}
-DATA_PLATE = "data"
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,14 @@ class AutoAmortizedGuide(nn.Module):
         if unknown:
             valid = ", ".join(FAMILY_OPTIONS[family]) or "none"
             raise InputError(f"AutoAmortizedGuide: family {family!r} has no option {sorted(unknown)[0]!r} (its options: {valid})")
-        if x_example.dim() < 2 or x_example.shape[0] < 2:
+        x_example = as_points(x_example, "AutoAmortizedGuide: x_example", dtype=torch.get_default_dtype())
+        if x_example.shape[0] < 2:
             raise InputError("AutoAmortizedGuide: x_example must be a batch of two or more data points")
-        local, global_, self.data_dim = self._inspect(model, x_example)
+        local, global_, frame = self._inspect(model, x_example)
+        # The guide's plate over the data points is the model's: same name and dim (a subsampling
+        # plate's scale comes from elbolab's data-plate scale in training, which covers both).
+        self.data_plate, self.data_dim = frame.name, frame.dim
+        self.x_shape = tuple(x_example.shape[1:])
         self.local_sites, self.global_sites = _latent_sites(local), _latent_sites(global_)
         x_width = math.prod(x_example.shape[1:])
         joint = GUIDE_CLASSES[family]
@@ -115,10 +120,11 @@ class AutoAmortizedGuide(nn.Module):
         self.family = family
 
     @staticmethod
-    def _inspect(model: Callable[..., Any], x: Tensor) -> tuple[list[dict], list[dict], int]:
-        with torch.no_grad():
-            trace = poutine.trace(model).get_trace(x)
-        local, global_, data_dim = [], [], None
+    def _inspect(model: Callable[..., Any], x: Tensor) -> tuple[list[dict], list[dict], Any]:
+        """The model's latent sites inside and outside its data plate, and that plate's frame."""
+        trace = trace_model(model, (x,))
+        frame = find_data_plate(model, trace, x.shape[0])
+        local, global_ = [], []
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
                 continue
@@ -129,22 +135,23 @@ class AutoAmortizedGuide(nn.Module):
                     "enumerating discrete latents is not supported"
                 )
             frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-            data = [f for f in frames if f.name == DATA_PLATE]
-            if data:
-                if len(frames) > 1 or tuple(fn.batch_shape) != (x.shape[0],):
+            if any(f.name == frame.name for f in frames):
+                if len(frames) > 1 or tuple(fn.batch_shape) != (frame.size,):
                     raise InputError(
                         f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]}; "
-                        "latents inside pyro.plate('data') must have one value per data point (batch shape [N])"
+                        f"latents inside the data plate {frame.name!r} must have one value per data point (batch shape [N])"
                     )
-                data_dim = data[0].dim
                 local.append({"name": name, "fn": fn, "shape": fn.event_shape})
             else:
+                if frames:
+                    raise InputError(
+                        f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]} outside the "
+                        f"data plate {frame.name!r}; a global latent must sit outside every plate"
+                    )
                 global_.append({"name": name, "fn": fn, "shape": site["value"].shape})
         if not local and not global_:
             raise InputError("AutoAmortizedGuide: the model has no latent sample site")
-        if data_dim is None:
-            data_dim = -1
-        return local, global_, data_dim
+        return local, global_, frame
 
     @staticmethod
     def _constrain(u: Tensor, sites: list[_Site]) -> None:
@@ -164,10 +171,15 @@ class AutoAmortizedGuide(nn.Module):
             pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=event_dim))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise InputError(
+                f"AutoAmortizedGuide was built for data points of shape {self.x_shape} (its x_example), "
+                f"got a batch of shape {tuple(x.shape)}"
+            )
         if self.global_q is not None:
             q_global = self.global_q.distribution(self.constant_input)
             self._constrain(pyro.sample("_auto_global", q_global, infer={"is_auxiliary": True}), self.global_sites)
         if self.local_q is not None:
             q = self.local_q.distribution(x.reshape(x.shape[0], -1))
-            with pyro.plate(DATA_PLATE, x.shape[0], dim=self.data_dim):
+            with pyro.plate(self.data_plate, x.shape[0], dim=self.data_dim):
                 self._constrain(pyro.sample("_auto_latent", q, infer={"is_auxiliary": True}), self.local_sites)

@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from elbolab.config import is_integer, is_real
+from elbolab.contract import pair_contract, refuse_not_reparameterized
 from elbolab.errors import InputError
-from elbolab.inference.contract import pair_contract, refuse_not_reparameterized
 from elbolab.inference.traces import (
     detached_guide_trace,
     max_plate_nesting,

@@ -35,9 +35,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from elbolab.config import is_integer
-from elbolab.errors import InputError
+from elbolab.contract import Contract, DataPlateScale, floating_dtype, pair_contract
 from elbolab.data.checks import as_points
-from elbolab.inference.contract import Contract, DataPlateScale, floating_dtype, pair_contract
+from elbolab.errors import InputError
 from elbolab.inference.traces import log_weights_per_point, run_traced, site_log_prob
 
 # Elements of one chunk's [samples, points, x_dim] block on the CPU; bounds evaluation memory
@@ -163,7 +163,7 @@ def evaluation_inputs(
 
     ``x`` (a tensor or a numpy array) must hold finite values, one row per data point, and
     becomes a tensor of the model's floating dtype; every further argument needs one row per
-    point. The pair is checked on the first rows (:func:`~elbolab.inference.contract.pair_contract`).
+    point. The pair is checked on the first rows (:func:`~elbolab.contract.pair_contract`).
     """
     if isinstance(x, Tensor | np.ndarray) and x.ndim == 1:
         # N scalar data points; the pair check refuses it if the model reads it as one point of N values.

@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from elbolab.config import dataclass_from_dict, is_integer, is_real
+from elbolab.contract import Contract, DataPlateScale, check_pair, floating_dtype, pair_contract
 from elbolab.data import Dataset
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError
-from elbolab.inference.contract import Contract, DataPlateScale, check_pair, floating_dtype, pair_contract
 from elbolab.inference.distributed import ProcessGroup, join_process_group, rank_seed
 from elbolab.inference.evaluate import importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from elbolab.config import is_integer
+from elbolab.contract import pair_contract, refuse_not_reparameterized
 from elbolab.errors import InputError
-from elbolab.inference.contract import pair_contract, refuse_not_reparameterized
 from elbolab.inference.traces import (
     data_plate_dim,
     detached_guide_trace,

@@ -18,6 +18,7 @@ __all__ = [
     "local_latent_sites",
     "log_weights_per_point",
     "max_plate_nesting",
+    "per_point",
     "per_point_weights_to_site",
     "run_traced",
     "sample_sites",
@@ -37,8 +38,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
+from elbolab.contract import Contract, pair_contract
 from elbolab.errors import InputError
-from elbolab.inference.contract import Contract, pair_contract
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
@@ -278,7 +279,7 @@ def data_plate_dim(trace: Trace, plate: str = DATA_PLATE) -> int:
     raise InputError(f"the model has no pyro.plate({plate!r}, N) around its observed sites")
 
 
-def _per_point(log_prob: Tensor, particle_dim: int, data_dim: int) -> Tensor:
+def per_point(log_prob: Tensor, particle_dim: int, data_dim: int) -> Tensor:
     """Sum a site's log density over every dim but the particle and data dims -> ``[K or 1, N or 1]``."""
     ndim = max(log_prob.dim(), -particle_dim)
     if ndim == 2 and log_prob.dim() == 2 and particle_dim == -2 and data_dim == -1:
@@ -313,13 +314,13 @@ def log_weights_per_point(
     for _, site in sample_sites(model_trace):
         if not _in_plates(site, plates):
             continue
-        term = _per_point(site_log_prob(site), particle_dim, data_dim)
+        term = per_point(site_log_prob(site), particle_dim, data_dim)
         log_weight = log_weight + term
         if site["is_observed"]:
             log_lik = log_lik + term
     for _, site in sample_sites(guide_trace):
         if not site["is_observed"] and _in_plates(site, plates):
-            log_weight = log_weight - _per_point(site_log_prob(site), particle_dim, data_dim)
+            log_weight = log_weight - per_point(site_log_prob(site), particle_dim, data_dim)
     log_weight, log_lik = torch.broadcast_tensors(log_weight, log_lik)
     return log_weight, log_lik
 
@@ -359,11 +360,11 @@ def importance_terms(
                         f"importance-weighted objectives weigh each data point's sites together, which needs one "
                         f"scale on every site of the data plate; site {name!r} has {scale}, another {data_scale}"
                     )
-                term = _per_point(site_log_prob(site, scaled=False), particle_dim, data_dim)
+                term = per_point(site_log_prob(site, scaled=False), particle_dim, data_dim)
                 # Every op here is one more node in the backward pass of every training step.
                 local = (term if sign > 0 else -term) if local is None else (local + term if sign > 0 else local - term)
             else:
-                global_ = global_ + sign * _per_point(site_log_prob(site), particle_dim, data_dim).sum(-1)
+                global_ = global_ + sign * per_point(site_log_prob(site), particle_dim, data_dim).sum(-1)
     if local is None:
         raise InputError(f"the model has no sample site inside its data plate {contract.data_plate!r}: nothing to weigh per data point")
     return local, global_, float(data_scale)

@@ -141,12 +141,29 @@ class Likelihood(nn.Module):
     Arguments:
         x_dim: data width.
         likelihood: one of :data:`LIKELIHOODS`.
-        obs_scale: Gaussian only: fixed scale, or ``None`` for a learned per-pixel scale
-            ``softplus(s) + 1e-3`` (the floor keeps the density bounded on near-constant pixels).
+        obs_scale: Gaussian only: a fixed positive scale, or ``None`` for a learned per-pixel
+            scale ``softplus(s) + 1e-3`` (the floor keeps the density bounded on near-constant
+            pixels). Refused with any other likelihood, which has no scale.
+
+    Example:
+        >>> Likelihood(784, "gaussian", obs_scale=0.1)(torch.zeros(5, 784)).event_shape
+        torch.Size([784])
+        >>> Likelihood(784, "bernouli")
+        Traceback (most recent call last):
+        elbolab.errors.InputError: unknown likelihood 'bernouli'; did you mean 'bernoulli'? valid names: ...
     """
 
     def __init__(self, x_dim: int, likelihood: str, obs_scale: float | None = None) -> None:
         super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise InputError(f"unknown likelihood {likelihood!r}; {closest_names(str(likelihood), LIKELIHOODS)}")
+        if obs_scale is not None and likelihood != "gaussian":
+            raise InputError(
+                f"obs_scale is an option of the gaussian likelihood; the {likelihood} likelihood has no scale "
+                f"(got obs_scale={obs_scale!r})"
+            )
+        if obs_scale is not None and not (is_real(obs_scale) and obs_scale > 0):
+            raise InputError(f"obs_scale must be a finite number > 0, got {obs_scale!r}")
         self.likelihood = likelihood
         self.obs_scale = obs_scale
         if likelihood == "gaussian" and obs_scale is None:

@@ -141,8 +141,12 @@ def test_refusals(tmp_path):
     def global_guide(x=None, *, batch_size=None):
         pyro.sample("scale", dist.LogNormal(0.0, 0.1))
 
-    with pytest.raises(InputError, match="'scale' is outside pyro.plate"):
-        to_inference_data(global_model, global_guide, x, num_samples=3)
+    idata = to_inference_data(global_model, global_guide, x, num_samples=3)
+    assert idata.sample_stats.attrs["global_latents"] == "scale"  # per-point groups are conditional on its draws
+    assert "posterior" not in idata.groups()  # the guide has no per-point latent, and globals are not exported
+    # log p(x_n | scale) is a standard normal density whatever the draw: zeros * scale = 0.
+    expected = dist.Normal(0.0, 1.0).log_prob(x).sum(-1).numpy()
+    np.testing.assert_allclose(idata.log_likelihood["x"].values[0], np.broadcast_to(expected, (3, 5)), rtol=1e-5)
     (tmp_path / "bad.nc").write_bytes(b"not netcdf at all")
     with pytest.raises(InputError, match="bad.nc: not a readable InferenceData"):
         load_inference_data(tmp_path / "bad.nc")

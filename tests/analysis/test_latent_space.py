@@ -143,14 +143,17 @@ def test_kl_per_dimension_sums_to_the_closed_form_kl():
         kl_per_dimension(model, MixtureGuide(64, 4, components=2, hidden=(16,)), x)
 
 
-def test_a_global_latent_is_refused_by_name():
+def test_a_global_latent_is_left_out_of_the_per_point_tools():
     def guide(x, *, batch_size=None):
         pyro.sample("scale", dist.LogNormal(0.0, 1.0))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+        with pyro.plate("batch", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.ones(x.shape[0], 2), 1.0).to_event(1))
 
-    with pytest.raises(InputError, match="'scale' is outside pyro.plate"):
-        posterior_means(guide, torch.zeros(3, 4))
+    means = posterior_means(guide, torch.zeros(3, 4))
+    assert list(means) == ["z"]
+    torch.testing.assert_close(means["z"], torch.ones(3, 2))
+    with pytest.raises(InputError, match="NaN or infinite values in 1 row"):
+        posterior_means(guide, torch.tensor([[0.0, 1.0], [math.nan, 0.0]]))
 
 
 def test_unit_activity_counts_informative_dimensions():

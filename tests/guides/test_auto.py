@@ -154,7 +154,13 @@ def test_refusals():
             pyro.sample("x", dist.Normal(c.unsqueeze(-1), 1.0).to_event(1), obs=x)
 
     def extra_plate(x, *, batch_size=None):
-        with pyro.plate("pixels", x.shape[1], dim=-2), pyro.plate("data", x.shape[0], dim=-1):
+        with pyro.plate("data", x.shape[0], dim=-1):
+            with pyro.plate("pixels", 3, dim=-2):
+                pyro.sample("h", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, 1.0).expand(x.shape[1:]).to_event(1), obs=x)
+
+    def observed_outside_every_plate(x, *, batch_size=None):
+        with pyro.plate("data", x.shape[0]):
             pyro.sample("h", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(0.0, 1.0).expand(x.shape).to_event(2), obs=x)
 
@@ -162,6 +168,8 @@ def test_refusals():
         AutoAmortizedGuide(discrete, x)
     with pytest.raises(InputError, match="'h' sits in plates"):
         AutoAmortizedGuide(extra_plate, x)
+    with pytest.raises(InputError, match="found no plate over the batch of 20 data points around the observed site"):
+        AutoAmortizedGuide(observed_outside_every_plate, x)
     with pytest.raises(InputError, match="unknown family 'flows'.*flow"):
         AutoAmortizedGuide(PositiveScaleModel(8), x, family="flows")
     with pytest.raises(InputError, match="no option 'components'"):

@@ -22,7 +22,16 @@ counted once per pass), ``1`` in evaluation. It also hands the data plate its su
 
 from __future__ import annotations
 
-__all__ = ["Contract", "DataPlateScale", "check_pair", "floating_dtype", "pair_contract", "refuse_not_reparameterized"]
+__all__ = [
+    "Contract",
+    "DataPlateScale",
+    "check_pair",
+    "find_data_plate",
+    "floating_dtype",
+    "pair_contract",
+    "refuse_not_reparameterized",
+    "trace_model",
+]
 
 import itertools
 from collections import OrderedDict
@@ -195,8 +204,30 @@ def _names(names: list[str] | tuple[str, ...]) -> str:
     return ", ".join(repr(name) for name in names) or "none"
 
 
+def find_data_plate(model: Callable[..., Any], model_trace: poutine.Trace, batch_size: int) -> Any:
+    """The frame (``name``, ``dim``, ``size``, ``full_size``) of the model's data plate in a trace of ``model``.
+
+    Named by ``model.data_plate``, or else the plate around every observed site whose size is
+    the batch's (``"data"`` among several); an :class:`InputError` says what was looked for and
+    found when there is none or no single one.
+    """
+    observed = [(n, s) for n, s in _sample_sites(model_trace) if s["is_observed"]]
+    if not observed:
+        raise InputError("the model observes no data: no sample site has obs=..., so there is nothing to weigh")
+    return _find_data_plate(model, observed, batch_size)
+
+
+def trace_model(model: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> poutine.Trace:
+    """One trace of ``model(*args)`` alone, as :func:`check_pair` runs it: no gradients, generators untouched."""
+    devices = [a.device for a in args if isinstance(a, Tensor) and a.is_cuda][:1]
+    indices = torch.arange(args[0].shape[0], device=args[0].device)
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block(), _Indices(indices):
+        with poutine.trace() as tracer:
+            _run("model", model, args, kwargs or {})
+    return tracer.trace
+
+
 def _find_data_plate(model: Callable[..., Any], observed: list[tuple[str, dict]], batch_size: int) -> Any:
-    """The frame of the model's data plate: named by ``model.data_plate``, or the plate over the batch."""
     named = getattr(model, "data_plate", None)
     common = None
     for _, site in observed:
