@@ -25,7 +25,9 @@ from __future__ import annotations
 __all__ = [
     "Contract",
     "DataPlateScale",
+    "check_observed_rows",
     "check_pair",
+    "check_traced_rows",
     "find_data_plate",
     "floating_dtype",
     "pair_contract",
@@ -41,11 +43,12 @@ from typing import Any
 
 import torch
 from pyro import poutine
+from pyro import validation_enabled as pyro_validation
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 
-from elbolab.data.checks import check_rows_in_support, describe_support
+from elbolab.data.checks import describe_support
 from elbolab.errors import InputError
 
 PARTICLE_PLATE = "particles"
@@ -343,15 +346,55 @@ def _compare(model: Callable[..., Any], model_trace: poutine.Trace, guide_trace:
     )
 
 
-def _check_observed(name: str, site: dict, data_dim: int) -> None:
-    """Refuse data outside the support of the site that observes them, naming the rows."""
+def _check_observed(name: str, site: dict, data_dim: int, offset: int = 0) -> None:
+    """Refuse data outside the support of the site that observes them, naming the rows (counted from ``offset``)."""
     value = site["value"]
-    if not isinstance(value, Tensor) or value.dim() < -data_dim:
+    if not isinstance(value, Tensor):
         return
+    position = value.dim() - len(site["fn"].event_shape) + data_dim  # the plate's dim counts from the batch shape's right
+    if position < 0:
+        return
+    rows = value.movedim(position, 0)
     try:
-        check_rows_in_support(value.movedim(data_dim, 0), site["fn"].support, "the data", name)
+        # Moving the data dim first keeps the event dims last, where the support reads them.
+        inside = site["fn"].support.check(rows).reshape(rows.shape[0], -1).all(1)
     except (RuntimeError, NotImplementedError):
         return  # a support that cannot check this value (a dependent one): leave it to the density
+    if bool(inside.all()):
+        return
+    bad = (~inside).nonzero().flatten() + offset
+    shown = ", ".join(str(i) for i in bad[:5].tolist()) + (", ..." if bad.numel() > 5 else "")
+    plural = "s" if bad.numel() > 1 else ""
+    raise InputError(
+        f"the data has values outside the support of site {name!r}, {describe_support(site['fn'].support)}, "
+        f"in {bad.numel()} row{plural} (row{plural} {shown})"
+    )
+
+
+def check_observed_rows(
+    model: Callable[..., Any], guide: Callable[..., Any], args: tuple, contract: Contract, offset: int = 0
+) -> None:
+    """Refuse rows of the data (``args[0]`` and what the model observes of it) outside their sites' supports.
+
+    :func:`pair_contract` checks structure once per pair; the data change from call to call, so
+    every entry point checks its rows with this (or on traces it runs anyway).
+    """
+    devices = [a.device for a in args if isinstance(a, Tensor) and a.is_cuda][:1]
+    indices = torch.arange(offset, offset + args[0].shape[0], device=args[0].device)
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block(), _Indices(indices):
+        with poutine.trace() as guide_tracer:
+            _run("guide", guide, args, {})
+        with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace), pyro_validation(False):
+            _run("model", model, args, {})
+    check_traced_rows(model_tracer.trace, contract, offset)
+
+
+def check_traced_rows(model_trace: poutine.Trace, contract: Contract, offset: int = 0) -> None:
+    """:func:`check_observed_rows` on a model trace already run (an estimator's chunk)."""
+    for name in contract.observed:
+        site = model_trace.nodes[name]
+        data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == contract.data_plate)
+        _check_observed(name, site, data_dim, offset)
 
 
 def _check_in_support(site: dict, what: str) -> None:

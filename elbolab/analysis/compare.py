@@ -139,6 +139,7 @@ def compare_runs(
                 "test_elbo": elbo, "test_log_likelihood": log_lik, "gap": log_lik - elbo,
                 "active_units": active_units(guide, test_x, *test_args),
                 "train_seconds": float(history["seconds"].sum()),  # over every session of a resumed run
+                "skipped_steps": int(history["skipped_steps"].sum()) if "skipped_steps" in history else 0,
             }
             if run_folder is not None:
                 run_folder.mkdir(parents=True, exist_ok=True)
@@ -169,6 +170,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     stderr = grouped.std(ddof=1).fillna(0.0) / count.pow(0.5)
     summary = mean.join(stderr.add_suffix("_se"))
     summary.insert(0, "seeds", count["test_elbo"])
+    if "skipped_steps" in table:
+        summary["skipped_steps"] = table.groupby("objective", sort=False)["skipped_steps"].sum()
     return summary.reset_index()
 
 
@@ -183,9 +186,16 @@ def to_markdown(summary: pd.DataFrame, num_samples: int) -> str:
         f"| objective | seeds | test ELBO | test log p(x), K = {num_samples} | gap | active units | train s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    skipped_any = False
     for row in summary.itertuples(index=False):
+        skipped = int(getattr(row, "skipped_steps", 0) or 0)
+        skipped_any |= skipped > 0
+        mark = f" (skipped {skipped} steps)" if skipped else ""
         lines.append(
-            f"| {row.objective} | {row.seeds} | {cell(row, 'test_elbo')} | {cell(row, 'test_log_likelihood')} | "
+            f"| {row.objective}{mark} | {row.seeds} | {cell(row, 'test_elbo')} | {cell(row, 'test_log_likelihood')} | "
             f"{cell(row, 'gap')} | {cell(row, 'active_units', 1)} | {cell(row, 'train_seconds', 1)} |"
         )
+    if skipped_any:
+        lines.append("")
+        lines.append("Runs marked 'skipped N steps' had steps with a non-finite loss or gradient, skipped (see the histories).")
     return "\n".join(lines) + "\n"

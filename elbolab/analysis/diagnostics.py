@@ -60,7 +60,7 @@ from pyro import poutine
 from torch import Tensor
 
 from elbolab import __version__
-from elbolab.contract import DataPlateScale
+from elbolab.contract import DataPlateScale, check_traced_rows
 from elbolab.errors import InputError
 from elbolab.inference import log_importance_weights
 from elbolab.inference.evaluate import CHUNK_ELEMENTS, evaluation_inputs
@@ -241,6 +241,7 @@ def to_inference_data(
             rows = torch.arange(start, start + n, device=x.device)
             with DataPlateScale(contract.plates, 1.0, rows):
                 model_trace, guide_trace = run_traced(model, guide, batch, {}, num_samples, nesting)
+            check_traced_rows(model_trace, contract, start)
             data_dim = data_plate_dim(model_trace, contract.data_plate)
             for name, site in local_latent_sites(model_trace, "to_inference_data", plate=contract.data_plate):
                 shapes[name] = _point_shape(site, data_dim)
@@ -326,7 +327,13 @@ def _prior_draws(
         n = min(chunk, x.shape[0] - start)
         rows = torch.arange(start, start + n, device=x.device)
         with poutine.trace() as tracer, DataPlateScale(contract.plates, 1.0, rows), pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)):
-            model(None, batch_size=n)
+            try:
+                model(None, batch_size=n)
+            except TypeError as error:
+                raise InputError(
+                    f"prior draws run model(None, batch_size=n), the model contract's way to generate; this model "
+                    f"cannot ({error}): leave prior_samples at 0"
+                ) from None
         for name, site in local_latent_sites(tracer.trace, "to_inference_data", plate=contract.data_plate):
             latents.setdefault(name, []).append(_numpy(site["value"], draws, n, shapes[name]))
         for name in contract.observed:

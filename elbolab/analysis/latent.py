@@ -68,6 +68,17 @@ def _latent_sites(trace: poutine.Trace, batch_size: int) -> list[tuple[str, dict
     return sites
 
 
+def _guide_trace(guide: Guide, x: Tensor, *args: Tensor) -> poutine.Trace:
+    """One trace of the guide; a guide that fails on ``x`` is an :class:`InputError` naming its shape."""
+    try:
+        return poutine.trace(guide).get_trace(x, *args)
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"the guide fails on x of shape {tuple(x.shape)}: {first}") from None
+
+
 def _guide_points(guide: Guide, x: Any, what: str = "x") -> Tensor:
     """``x`` checked (finite rows, numpy converted) in the guide's floating dtype."""
     return as_points(x, what, dtype=floating_dtype(guide))
@@ -90,7 +101,7 @@ def latent_draws(guide: Guide, x: Tensor, *args: Tensor, num_samples: int) -> di
     """
     x = _guide_points(guide, x)
     with pyro.plate(DRAWS_PLATE, num_samples, dim=-2), pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x, *args)
+        trace = _guide_trace(guide, x, *args)
     return {
         name: site["value"].reshape(num_samples, x.shape[0], *site["fn"].event_shape)
         for name, site in _latent_sites(trace, x.shape[0])
@@ -106,7 +117,7 @@ def posterior_means(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 2
     """
     x = _guide_points(guide, x)
     with pyro.validation_enabled(False):
-        trace = poutine.trace(guide).get_trace(x, *args)
+        trace = _guide_trace(guide, x, *args)
     sites = _latent_sites(trace, x.shape[0])
     means: dict[str, Tensor] = {}
     for name, site in sites:

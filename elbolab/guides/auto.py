@@ -33,7 +33,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to, constraints
 
-from elbolab.contract import find_data_plate, trace_model
+from elbolab.contract import find_data_plate, floating_dtype, trace_model
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError, closest_names
 from elbolab.guides.config import GUIDE_CLASSES
@@ -97,7 +97,7 @@ class AutoAmortizedGuide(nn.Module):
         if unknown:
             valid = ", ".join(FAMILY_OPTIONS[family]) or "none"
             raise InputError(f"AutoAmortizedGuide: family {family!r} has no option {sorted(unknown)[0]!r} (its options: {valid})")
-        x_example = as_points(x_example, "AutoAmortizedGuide: x_example", dtype=torch.get_default_dtype())
+        x_example = as_points(x_example, "AutoAmortizedGuide: x_example", dtype=floating_dtype(model))
         if x_example.shape[0] < 2:
             raise InputError("AutoAmortizedGuide: x_example must be a batch of two or more data points")
         local, global_, frame = self._inspect(model, x_example)
@@ -162,7 +162,7 @@ class AutoAmortizedGuide(nn.Module):
         """
         batch = u.shape[:-1]
         for site in sites:
-            piece = u[..., site.start : site.start + site.size].reshape(*batch, *site.unconstrained_shape)
+            piece = u[..., site.start : site.start + site.size].reshape(tuple(batch) + tuple(site.unconstrained_shape))
             transform = biject_to(site.support)
             value = transform(piece)
             event_dim = len(site.shape)

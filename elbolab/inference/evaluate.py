@@ -31,11 +31,18 @@ import numpy as np
 import pyro
 import torch
 from pyro.poutine import Trace, replay, trace
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from elbolab.config import is_integer
-from elbolab.contract import Contract, DataPlateScale, floating_dtype, pair_contract
+from elbolab.contract import (
+    Contract,
+    DataPlateScale,
+    check_traced_rows,
+    floating_dtype,
+    pair_contract,
+)
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError
 from elbolab.inference.traces import log_weights_per_point, run_traced, site_log_prob
@@ -234,6 +241,8 @@ def _weight_chunks(
                 try:
                     with DataPlateScale(contract.plates, 1.0, rows):
                         model_trace, guide_trace = run_traced(model, guide, batch, {}, k, nesting)
+                    if done == 0:
+                        check_traced_rows(model_trace, contract, start)
                     log_w, log_lik = log_weights_per_point(model_trace, guide_trace, nesting, contract)
                 except torch.OutOfMemoryError:
                     if k == 1:
@@ -345,7 +354,7 @@ def log_evidence(
         global_trace = Trace()
         log_q = 0.0
         for name, site in guide_tracer.trace.nodes.items():
-            if site["type"] == "sample" and not _in_data_plate(site, contract) and not site["is_observed"]:
+            if site["type"] == "sample" and not site_is_subsample(site) and not site["is_observed"] and not _in_data_plate(site, contract):
                 global_trace.nodes[name] = site
                 log_q = log_q + site_log_prob(site).double().sum()
         with DataPlateScale(contract.plates, 1.0, rows), trace() as model_tracer, replay(trace=global_trace):

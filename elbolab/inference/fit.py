@@ -39,12 +39,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from elbolab.config import dataclass_from_dict, is_integer, is_real
-from elbolab.contract import Contract, DataPlateScale, check_pair, floating_dtype, pair_contract
+from elbolab.contract import (
+    Contract,
+    DataPlateScale,
+    check_observed_rows,
+    check_pair,
+    floating_dtype,
+    pair_contract,
+)
 from elbolab.data import Dataset
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError
 from elbolab.inference.distributed import ProcessGroup, join_process_group, rank_seed
-from elbolab.inference.evaluate import importance_estimate
+from elbolab.inference.evaluate import CHUNK_ELEMENTS, importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
 from elbolab.inference.storage import remove_stale_temporaries
@@ -287,7 +294,11 @@ def fit(
     first_batch = fetch_rows(x, slice(0, batch_size))
     first_batch = torch.bernoulli(first_batch) if dynamic else first_batch
     first_args = tuple(fetch_rows(a, slice(0, batch_size)) for a in args)
-    contract = _training_contract(model, guide, (first_batch, *first_args), x.shape[0], batch_size, fetch_rows, args)
+    contract = _training_contract(model, guide, (first_batch, *first_args), x, batch_size, fetch_rows, args)
+    if not dynamic and not streaming:
+        _check_rows(model, guide, x, args, contract)
+    if valid_x is not None:
+        _check_rows(model, guide, valid_x, valid_args, contract)
     with _data_plate_scale(contract, x.shape[0], first_batch.shape[0], torch.arange(first_batch.shape[0], device=device)):
         params = _collect_params(model, guide, objective, (first_batch, *first_args))
     if not params:
@@ -547,9 +558,10 @@ def _has_unused_parameters(module: nn.Module, batch: tuple[Tensor, ...]) -> bool
     return any(g is None for g in grads)
 
 
-def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], num_points: int, batch_size: int,
+def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], x: Tensor, batch_size: int,
                        fetch_rows: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Contract:
     """The pair's contract, checked on the first batch and on a short last one; a subsampling plate must state N."""
+    num_points = x.shape[0]
     contract = pair_contract(model, guide, first)
     if contract.subsamples_input:
         raise InputError(
@@ -567,8 +579,16 @@ def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], num_po
     last = num_points % batch_size
     if last and num_points > batch_size:
         rows = slice(num_points - last, num_points)
-        check_pair(model, guide, (first[0][:last], *(fetch_rows(a, rows) for a in args)))  # not cached: a new size
+        check_pair(model, guide, (fetch_rows(x, rows), *(fetch_rows(a, rows) for a in args)))  # not cached: a new size
     return contract
+
+
+def _check_rows(model: Any, guide: Any, x: Tensor, args: tuple[Tensor, ...], contract: Contract) -> None:
+    """Every row of the data inside its observed sites' supports: one pass without gradients, before training."""
+    chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(x.shape[1:])) // 4)
+    for start in range(0, x.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        check_observed_rows(model, guide, (x[rows], *(a[rows] for a in args)), contract, offset=start)
 
 
 def _data_plate_scale(contract: Contract, num_points: int, batch_points: int, batch_index: Tensor) -> Any:

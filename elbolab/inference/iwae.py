@@ -3,10 +3,10 @@
     L_K(x) = E[ log (1/K) sum_k w_k ],   w_k = p(x, z_k) / q(z_k | x),   z_k ~ q(z | x)
 
 (Burda et al. 2016, "Importance weighted autoencoders"). L_1 is the ELBO, L_K rises with K and
-tends to log p(x). The logsumexp over particles is taken per data point: the ``"data"`` plate stays
-a batch dimension, and its subsample scale multiplies each point's bound after the logsumexp.
-Latents outside the data plate (global latents) enter once, as an ELBO term averaged over the
-particles, not inside every point's weight.
+tends to log p(x). The logsumexp over particles is taken per data point: the data plate stays
+a batch dimension, and its scale (N / B under subsampling) multiplies each point's bound after the
+logsumexp. A model with latents outside the data plate (global latents) is refused: each particle
+would carry its own global draw, and a point's logsumexp over them is not a bound on log p(X).
 
 Gradients for the guide's parameters phi:
 
@@ -85,6 +85,15 @@ class IWAE(pyro.infer.ELBO):
         """``(local [K, N], global [K] or 0, data scale, traces)``, with detached ``log q`` for stl/dreg."""
         contract = pair_contract(model, guide, args, kwargs)
         refuse_not_reparameterized(contract, "the importance-weighted bound's pathwise gradient")
+        if contract.global_latents:
+            # Each particle carries its own draw of the globals, so a point's logsumexp would mix
+            # draws: the result rises above log p(X) (not a bound) and widens q of the globals.
+            raise InputError(
+                f"importance-weighted bounds average each data point's particles, which here carry different draws of "
+                f"the global latent {contract.global_latents[0]!r} (outside the data plate {contract.data_plate!r}): the "
+                "result would not be a bound on log p(X). Train with elbo (or elbo-stl), and estimate the whole data's "
+                "evidence with log_evidence"
+            )
         if self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         k, nesting = self.num_particles, self.plate_nesting

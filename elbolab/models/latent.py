@@ -118,6 +118,11 @@ class LatentModel(nn.Module):
     ) -> None:
         super().__init__()
         self.latents = list(latents)
+        if not self.latents:
+            raise InputError("LatentModel: latents is empty; list one or more Latent(name, shape, ...)")
+        if any(size < 1 for latent in self.latents for size in latent.event_shape):
+            empty = next(latent for latent in self.latents if any(size < 1 for size in latent.event_shape))
+            raise InputError(f"LatentModel: latent {empty.name!r} has shape {tuple(empty.event_shape)}, with no values")
         seen: dict[str, Latent] = {}
         for latent in self.latents:
             _check_latent(latent, seen)
