@@ -179,8 +179,13 @@ def check_pair(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
         with poutine.trace() as guide_tracer:
             _run("guide", guide, args, kwargs)
         with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace):
-            _run("model", model, args, kwargs)
+            _run("model (replayed on the guide's samples: " + _sample_shapes(guide_tracer.trace) + ")", model, args, kwargs)
     return _compare(model, model_tracer.trace, guide_tracer.trace, batch_size)
+
+
+def _sample_shapes(trace: poutine.Trace) -> str:
+    shapes = [f"{name} {tuple(site['value'].shape)}" for name, site in _sample_sites(trace) if isinstance(site["value"], Tensor)]
+    return ", ".join(shapes) or "none"
 
 
 class _Indices(Messenger):
@@ -252,6 +257,13 @@ def _find_data_plate(model: Callable[..., Any], observed: list[tuple[str, dict]]
     if len(over_batch) == 1:
         return over_batch[0]
     found = ", ".join(f"{name!r} (size {frame.size})" for name, frame in common.items()) or "none"
+    fixed = [f for f in common.values() if f.full_size is not None and f.full_size != f.size]
+    if not over_batch and fixed:
+        raise InputError(
+            f"the model's data plate {fixed[0].name!r} draws subsample_size={fixed[0].size} of its {fixed[0].full_size} "
+            f"points, but is given a batch of {batch_size}: write pyro.plate({fixed[0].name!r}, N, subsample_size=len(x)) "
+            "so that every batch size works"
+        )
     if not over_batch:
         raise InputError(
             f"found no plate over the batch of {batch_size} data points around the observed site(s) "

@@ -131,14 +131,36 @@ def join_process_group(device: torch.device) -> ProcessGroup | None:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # a second fit in the same processes (compare) reuses the group
+        _import_what_would_hold_the_group()
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
+def _import_what_would_hold_the_group() -> None:
+    """Import, before the process group exists, the torch module that would otherwise keep it alive.
+
+    ``torch.distributed.nn.functional`` declares its functions with ``group=group.WORLD``, a
+    default evaluated once, at import. DistributedDataParallel's constructor imports it (through
+    ``torch._dynamo``); imported then, after ``init_process_group``, each of those functions holds
+    the default group for good, :func:`leave_process_group` cannot free it, and gloo's worker
+    threads outlive it into interpreter shutdown. A worker that then drops the last reference to
+    a tensor of a finished collective needs the GIL, which a finalizing interpreter answers by
+    ending the thread: ``terminate called without an active exception`` and SIGABRT, now and
+    then, on a rank that exits right after its last collective. Imported first, the defaults are
+    ``None`` and destroying the group joins its threads.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def leave_process_group() -> None:
-    """Destroy the process group, if one was joined (at the end of a torchrun worker)."""
+    """Destroy the process group, if one was joined: call it before a torchrun worker exits.
+
+    Destroying the group frees gloo's (or NCCL's) backend, whose destructor finishes its queued
+    work and joins its threads while the interpreter is still whole; left to interpreter
+    shutdown, a thread still releasing a finished collective's tensors aborts the process.
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

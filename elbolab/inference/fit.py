@@ -294,7 +294,7 @@ def fit(
     first_batch = fetch_rows(x, slice(0, batch_size))
     first_batch = torch.bernoulli(first_batch) if dynamic else first_batch
     first_args = tuple(fetch_rows(a, slice(0, batch_size)) for a in args)
-    contract = _training_contract(model, guide, (first_batch, *first_args), x, batch_size, fetch_rows, args)
+    contract = _training_contract(model, guide, (first_batch, *first_args), x, batch_size, fetch_rows, args, dynamic)
     if not dynamic and not streaming:
         _check_rows(model, guide, x, args, contract)
     if valid_x is not None:
@@ -559,7 +559,7 @@ def _has_unused_parameters(module: nn.Module, batch: tuple[Tensor, ...]) -> bool
 
 
 def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], x: Tensor, batch_size: int,
-                       fetch_rows: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Contract:
+                       fetch_rows: Callable[..., Tensor], args: tuple[Tensor, ...], dynamic: bool) -> Contract:
     """The pair's contract, checked on the first batch and on a short last one; a subsampling plate must state N."""
     num_points = x.shape[0]
     contract = pair_contract(model, guide, first)
@@ -579,7 +579,11 @@ def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], x: Ten
     last = num_points % batch_size
     if last and num_points > batch_size:
         rows = slice(num_points - last, num_points)
-        check_pair(model, guide, (fetch_rows(x, rows), *(fetch_rows(a, rows) for a in args)))  # not cached: a new size
+        last_x = fetch_rows(x, rows)
+        if dynamic:
+            with torch.random.fork_rng(devices=[last_x.device] if last_x.is_cuda else []):
+                last_x = torch.bernoulli(last_x)
+        check_pair(model, guide, (last_x, *(fetch_rows(a, rows) for a in args)))  # not cached: a new size
     return contract
 
 

@@ -83,6 +83,8 @@ class ModelConfig:
             )
         if self.obs_scale is not None and not (is_real(self.obs_scale) and self.obs_scale > 0):
             raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
+        if self.obs_scale is not None and self.likelihood != "gaussian":
+            raise InputError(f"obs_scale is the scale of the gaussian likelihood; the {self.likelihood} likelihood has none")
         if self.name == "hvae":
             self.z_dims = self.z_dims or (50, 20)
             self.hidden_upper = self.hidden_upper or self.hidden

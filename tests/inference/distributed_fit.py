@@ -4,7 +4,9 @@
 
 For each case, in turn in the same processes (as ``compare`` trains its runs), each rank writes
 OUT/CASE/rank{R}.safetensors (its parameters after training, by name), and rank 0 writes
-OUT/CASE/history.csv. :func:`run` also builds the single-process run the test compares with.
+OUT/CASE/history.csv. Having left the process group, each rank writes OUT/threads-rank{R}.txt,
+the names of its threads still running (Linux). :func:`run` also builds the single-process run
+the test compares with.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors.torch import save_file
 
 from elbolab.guides import GaussianGuide
 from elbolab.inference import fit
-from elbolab.inference.distributed import environment_rank
+from elbolab.inference.distributed import environment_rank, leave_process_group
 from elbolab.models import VAE, Autoencoder
 
 
@@ -58,6 +60,20 @@ def run(case: str, epochs: int, checkpoint: Path | None = None, resume: bool = F
     return {k: v.detach().clone() for k, v in state.items()}, result.history
 
 
+def thread_names() -> list[str] | None:
+    """The names of this process's threads, as the kernel has them; ``None`` without ``/proc``."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(names)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("cases")
@@ -66,13 +82,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     rank = environment_rank()
-    for case in args.cases.split(","):
-        folder = args.out / case
-        folder.mkdir(parents=True, exist_ok=True)
-        params, history = run(case, args.epochs, folder / "checkpoint.safetensors", args.resume)
-        save_file({k: v.contiguous() for k, v in params.items()}, str(folder / f"rank{rank}.safetensors"))
-        if rank == 0:
-            history.to_csv(folder / "history.csv", index=False)
+    try:
+        for case in args.cases.split(","):
+            folder = args.out / case
+            folder.mkdir(parents=True, exist_ok=True)
+            params, history = run(case, args.epochs, folder / "checkpoint.safetensors", args.resume)
+            save_file({k: v.contiguous() for k, v in params.items()}, str(folder / f"rank{rank}.safetensors"))
+            if rank == 0:
+                history.to_csv(folder / "history.csv", index=False)
+    finally:
+        leave_process_group()  # as elbolab's CLI does: gloo's threads must not outlive the interpreter
+    names = thread_names()
+    if names is not None:
+        (args.out / f"threads-rank{rank}.txt").write_text("\n".join(names) + "\n")
 
 
 if __name__ == "__main__":
