@@ -3,8 +3,10 @@
 from elbolab.inference.checkpoint import Run, RunConfig, load_run, save_run
 from elbolab.inference.elbo import ELBO
 from elbolab.inference.evaluate import (
+    Evidence,
     ImportanceEstimate,
     importance_estimate,
+    log_evidence,
     log_importance_weights,
     log_likelihood,
 )
@@ -15,6 +17,7 @@ from elbolab.inference.schedules import kl_warmup
 __all__ = [
     "ELBO",
     "OBJECTIVES",
+    "Evidence",
     "FitConfig",
     "FitResult",
     "ImportanceEstimate",
@@ -26,6 +29,7 @@ __all__ = [
     "importance_estimate",
     "kl_warmup",
     "load_run",
+    "log_evidence",
     "log_importance_weights",
     "log_likelihood",
     "register_objective",

@@ -20,8 +20,7 @@ from torch import nn
 from elbolab.analysis import importance_diagnostics, posterior_means, to_inference_data
 from elbolab.errors import InputError
 from elbolab.guides import AutoAmortizedGuide, GaussianGuide
-from elbolab.inference import fit, get_objective, importance_estimate, log_likelihood
-from elbolab.inference.evaluate import log_evidence
+from elbolab.inference import fit, get_objective, importance_estimate, log_evidence, log_likelihood
 from elbolab.models import Latent, LatentModel
 
 # --- Gamma-Poisson: a positive latent rate per point, counts observed at a renamed site ------------
