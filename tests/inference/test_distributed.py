@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 from safetensors.torch import load_file
 
 from elbolab.cli import main
+from elbolab.contract import pair_contract
 from elbolab.errors import InputError
 from elbolab.inference import load_run
 from elbolab.inference.distributed import ProcessGroup, rank_seed
@@ -120,8 +121,12 @@ def test_a_model_with_a_global_latent_is_refused(single_process_group: ProcessGr
         with pyro.plate("data", x.shape[0]):
             pyro.sample("x", dist.Normal(shift, 1.0).expand([x.shape[1]]).to_event(1), obs=x)
 
+    def guide(x):
+        pyro.sample("shift", dist.Normal(0.0, 1.0))
+
+    batch = (torch.zeros(4, 3),)
     with pytest.raises(InputError, match="'shift' sits outside it"):
-        _DataParallelLoss(single_process_group, get_objective("elbo"), model, lambda x: None, [], (torch.zeros(4, 3),))
+        _DataParallelLoss(single_process_group, pair_contract(model, guide, batch), get_objective("elbo"), model, guide, [], batch)
 
 
 def test_cli_nproc_writes_one_run_folder_that_loads_and_resumes(tmp_path: Path) -> None:
