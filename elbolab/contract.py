@@ -35,6 +35,7 @@ __all__ = [
     "trace_model",
 ]
 
+import dataclasses
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
@@ -75,6 +76,9 @@ class Contract:
         auxiliary: guide sites marked ``infer={"is_auxiliary": True}`` (an auto guide's joint variable).
         not_reparameterized: guide sites whose distribution has no reparameterized sampler.
         plate_nesting: how many plates deep model and guide nest (where a particle plate goes).
+        input_support: ``(site, support)`` when the model's one observed site observes its input
+            ``x`` itself, rows first: the data's rows can then be checked against the support
+            directly, without running the networks.
     """
 
     data_plate: str
@@ -88,6 +92,7 @@ class Contract:
     auxiliary: tuple[str, ...]
     not_reparameterized: tuple[str, ...]
     plate_nesting: int
+    input_support: tuple[str, Any] | None = None
 
     @property
     def plates(self) -> frozenset[str]:
@@ -180,7 +185,15 @@ def check_pair(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
             _run("guide", guide, args, kwargs)
         with poutine.trace() as model_tracer, poutine.replay(trace=guide_tracer.trace):
             _run("model (replayed on the guide's samples: " + _sample_shapes(guide_tracer.trace) + ")", model, args, kwargs)
-    return _compare(model, model_tracer.trace, guide_tracer.trace, batch_size)
+    contract = _compare(model, model_tracer.trace, guide_tracer.trace, batch_size)
+    if len(contract.observed) == 1:
+        site = model_tracer.trace.nodes[contract.observed[0]]
+        position = site["value"].dim() - len(site["fn"].event_shape) + next(
+            f.dim for f in site["cond_indep_stack"] if f.name == contract.data_plate
+        )
+        if site["value"] is args[0] and position == 0:
+            contract = dataclasses.replace(contract, input_support=(contract.observed[0], site["fn"].support))
+    return contract
 
 
 def _sample_shapes(trace: poutine.Trace) -> str:

@@ -48,7 +48,7 @@ from elbolab.contract import (
     pair_contract,
 )
 from elbolab.data import Dataset
-from elbolab.data.checks import as_points
+from elbolab.data.checks import as_points, check_rows_in_support
 from elbolab.errors import InputError
 from elbolab.inference.distributed import ProcessGroup, join_process_group, rank_seed
 from elbolab.inference.evaluate import CHUNK_ELEMENTS, importance_estimate
@@ -588,7 +588,18 @@ def _training_contract(model: Any, guide: Any, first: tuple[Tensor, ...], x: Ten
 
 
 def _check_rows(model: Any, guide: Any, x: Tensor, args: tuple[Tensor, ...], contract: Contract) -> None:
-    """Every row of the data inside its observed sites' supports: one pass without gradients, before training."""
+    """Every row of the data inside its observed sites' supports, before training.
+
+    Where the model observes ``x`` itself, one elementwise check of ``x`` against the site's
+    support; otherwise one pass of the model without gradients.
+    """
+    if contract.input_support is not None:
+        name, support = contract.input_support
+        try:
+            check_rows_in_support(x, support, "the data", name)
+        except (RuntimeError, NotImplementedError):
+            pass  # a support that cannot check a value (a dependent one): left to the density
+        return
     chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(x.shape[1:])) // 4)
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
