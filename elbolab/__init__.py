@@ -1,6 +1,6 @@
 """elbolab: latent-variable generative models in Pyro -- VAEs, ELBO objectives, log p(x), diagnostics."""
 
-__version__ = "0.1.0"
+from elbolab.version import __version__
 
 from elbolab.data import DataConfig, Dataset, load_dataset
 from elbolab.errors import InputError
@@ -17,14 +17,12 @@ from elbolab.guides import (
 from elbolab.inference import (
     ELBO,
     FitConfig,
-    RunConfig,
     fit,
     get_objective,
     importance_estimate,
-    load_run,
     log_likelihood,
-    save_run,
 )
+from elbolab.runs import Run, RunConfig, load_run, save_run
 from elbolab.models import (
     VAE,
     VQVAE,
@@ -57,6 +55,7 @@ __all__ = [
     "LatentModel",
     "MixtureGuide",
     "ModelConfig",
+    "Run",
     "NearestCodeGuide",
     "RunConfig",
     "__version__",

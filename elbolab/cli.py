@@ -29,7 +29,7 @@ import pandas as pd
 import pyro
 import torch
 
-from elbolab import __version__
+from elbolab.version import __version__
 from elbolab.analysis import (
     K_HAT_BAD,
     K_HAT_GOOD,
@@ -46,16 +46,9 @@ from elbolab.analysis import (
 from elbolab.data import DATASETS, Dataset
 from elbolab.errors import InputError
 from elbolab.guides import FLOWS, GUIDE_FAMILIES, NearestCodeGuide
-from elbolab.inference import (
-    FitConfig,
-    RunConfig,
-    fit,
-    importance_estimate,
-    load_run,
-    resolve_device,
-    save_run,
-)
-from elbolab.inference.checkpoint import (
+from elbolab.inference import FitConfig, fit, importance_estimate, resolve_device
+from elbolab.runs import RunConfig, load_run, save_run
+from elbolab.runs.folder import (
     CONFIG_FILE,
     METRICS_FILE,
     WEIGHTS_FILE,
@@ -76,8 +69,8 @@ from elbolab.inference.objectives import (
     get_objective,
     parse_objective_spec,
 )
-from elbolab.inference.storage import atomic_write, read_json, write_json
-from elbolab.inference.training_state import CHECKPOINT_FILE, read_checkpoint
+from elbolab.files import atomic_write, read_json, write_json
+from elbolab.inference.training_checkpoint import CHECKPOINT_FILE, read_checkpoint
 from elbolab.models import LIKELIHOODS, ConditionalVAE, as_condition
 from elbolab.models.vae import MODEL_NAMES
 from elbolab.models.vqvae import code_usage

@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from elbolab.cli import main
-from elbolab.inference.training_state import read_checkpoint
+from elbolab.inference.training_checkpoint import read_checkpoint
 
 # About 40 steps per epoch on 8x8 digits: a few seconds of training, a checkpoint every epoch.
 FIT = ["fit", "--binarize", "dynamic", "--hidden", "64", "--z-dim", "4", "--epochs", "25", "--batch-size", "32",

@@ -19,11 +19,12 @@ from elbolab.analysis import importance_diagnostics, to_inference_data
 from elbolab.analysis.latent import latent_draws
 from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
-from elbolab.inference import RunConfig, fit, load_run, log_likelihood, save_run
-from elbolab.inference.checkpoint import build_run_guide, build_run_model
+from elbolab.inference import fit, log_likelihood
+from elbolab.runs import RunConfig, load_run, save_run
+from elbolab.runs.folder import build_run_guide, build_run_model
 from elbolab.inference.fit import FitConfig, _step_function, make_adam
 from elbolab.inference.objectives import get_objective
-from elbolab.inference.training_state import CHECKPOINT_FILE, read_checkpoint
+from elbolab.inference.training_checkpoint import CHECKPOINT_FILE, read_checkpoint
 from elbolab.models import ModelConfig
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

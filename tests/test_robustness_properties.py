@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from elbolab.cli import main
 from elbolab.data import load_dataset
 from elbolab.errors import InputError
-from elbolab.inference import load_run
+from elbolab.runs import load_run
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 

@@ -82,7 +82,7 @@ def placeholders(tmp_path_factory) -> dict[str, Path]:
         for path in folder.iterdir():
             path.unlink()
         # A run of 2 epochs stopped after the first: its checkpoint, nothing else.
-        from elbolab.inference.storage import load_tensors, save_tensors
+        from elbolab.files import load_tensors, save_tensors
         tensors, header = load_tensors(root / "one-epoch" / "checkpoint.safetensors")
         training = json.loads(header["training"])
         training["metadata"]["fit"]["epochs"] = 2

@@ -24,8 +24,8 @@ from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference import fit, importance_estimate, resolve_device
 from elbolab.inference.objectives import get_objective, parse_objective_spec
-from elbolab.inference.storage import read_json, write_json
-from elbolab.inference.training_state import CHECKPOINT_FILE
+from elbolab.files import read_json, write_json
+from elbolab.inference.training_checkpoint import CHECKPOINT_FILE
 
 RESULT_FILE = "result.json"
 

@@ -59,7 +59,7 @@ from matplotlib.lines import Line2D
 from pyro import poutine
 from torch import Tensor
 
-from elbolab import __version__
+from elbolab.version import __version__
 from elbolab.contract import DataPlateScale, check_traced_rows
 from elbolab.errors import InputError
 from elbolab.inference import log_importance_weights

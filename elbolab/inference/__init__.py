@@ -1,6 +1,5 @@
-"""Objectives, training, log-likelihood estimation, schedules and checkpoints."""
+"""Objectives, training, log-likelihood estimation, schedules and training checkpoints."""
 
-from elbolab.inference.checkpoint import Run, RunConfig, load_run, save_run
 from elbolab.inference.elbo import ELBO
 from elbolab.inference.evaluate import (
     Evidence,
@@ -21,18 +20,14 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "ImportanceEstimate",
-    "Run",
-    "RunConfig",
     "TrainingInterrupted",
     "fit",
     "get_objective",
     "importance_estimate",
     "kl_warmup",
-    "load_run",
     "log_evidence",
     "log_importance_weights",
     "log_likelihood",
     "register_objective",
     "resolve_device",
-    "save_run",
 ]

@@ -6,7 +6,7 @@ parameters. The hot path has no host synchronization: losses and counts of skipp
 steps are accumulated on the device and read once per epoch (the skip counters also every
 ``_CHECK_EVERY`` steps), a non-finite step is skipped inside fused Adam's kernel, validation runs
 between epochs, and Pyro's argument checks run on the first step only (the data were checked
-once at the boundary). Checkpoints and exact resumption are in :mod:`.training_state`.
+once at the boundary). Checkpoints and exact resumption are in :mod:`.training_checkpoint`.
 
 Launched by ``torchrun`` with several processes, the same loop trains one model data-parallel
 (DistributedDataParallel; see :mod:`.distributed`): each rank takes its share of every batch and
@@ -54,8 +54,8 @@ from elbolab.inference.distributed import ProcessGroup, join_process_group, rank
 from elbolab.inference.evaluate import CHUNK_ELEMENTS, importance_estimate
 from elbolab.inference.objectives import get_objective, no_guide
 from elbolab.inference.schedules import kl_warmup
-from elbolab.inference.storage import remove_stale_temporaries
-from elbolab.inference.training_state import Progress, restore_checkpoint, save_checkpoint
+from elbolab.files import remove_stale_temporaries
+from elbolab.inference.training_checkpoint import Progress, restore_checkpoint, save_checkpoint
 
 # Steps between reads of the skipped-step counters (a host sync on CUDA): divergence is handled
 # at most this many steps late, during which non-finite steps are skipped anyway.
@@ -215,7 +215,7 @@ def fit(
         max_restorations: after this many restorations, training stops with an
             :class:`~elbolab.errors.InputError` (the last checkpoint is left as it was).
         checkpoint: a file to write the whole training state to (see
-            :mod:`~elbolab.inference.training_state`), every ``checkpoint_every`` epochs, at the
+            :mod:`~elbolab.inference.training_checkpoint`), every ``checkpoint_every`` epochs, at the
             end, and when the process is asked to stop (Ctrl-C or SIGTERM: the step under way
             finishes, the state is written, and :class:`TrainingInterrupted` is raised).
         checkpoint_every: epochs between checkpoints.
@@ -224,7 +224,7 @@ def fit(
             checkpoint's options (objective, batch size, learning rate, seed, ...) must be these;
             ``epochs`` may be larger, to train on.
         checkpoint_metadata: JSON-serializable data stored in the checkpoint (the CLI stores the
-            run's config), read back with :func:`~elbolab.inference.training_state.read_checkpoint`.
+            run's config), read back with :func:`~elbolab.inference.training_checkpoint.read_checkpoint`.
         **objective_kwargs: passed to the objective, e.g. ``num_particles=5``.
 
     Returns:

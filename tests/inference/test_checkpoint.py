@@ -9,7 +9,8 @@ import torch
 from elbolab.data import DataConfig, load_dataset
 from elbolab.errors import InputError
 from elbolab.guides import GaussianGuide
-from elbolab.inference import FitConfig, RunConfig, fit, load_run, log_likelihood, save_run
+from elbolab.inference import FitConfig, fit, log_likelihood
+from elbolab.runs import RunConfig, load_run, save_run
 from elbolab.models import VAE, ModelConfig
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from elbolab.cli import main
 from elbolab.contract import pair_contract
 from elbolab.errors import InputError
-from elbolab.inference import load_run
+from elbolab.runs import load_run
 from elbolab.inference.distributed import ProcessGroup, rank_seed
 from elbolab.inference.fit import _DataParallelLoss
 from elbolab.inference.objectives import get_objective

@@ -15,8 +15,8 @@ from elbolab.guides import GaussianGuide, GuideConfig
 from elbolab.guides.config import build_model_guide
 from elbolab.inference import fit
 from elbolab.inference.fit import TrainingInterrupted, _step_function
-from elbolab.inference.storage import FORMAT_VERSION, load_tensors
-from elbolab.inference.training_state import read_checkpoint
+from elbolab.files import FORMAT_VERSION, load_tensors
+from elbolab.inference.training_checkpoint import read_checkpoint
 from elbolab.models import VAE, VQVAE
 
 

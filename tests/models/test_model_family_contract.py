@@ -14,8 +14,9 @@ from pyro import poutine
 
 from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
-from elbolab.inference import ELBO, RunConfig, get_objective, load_run, log_likelihood, save_run
-from elbolab.inference.checkpoint import build_run_guide, build_run_model
+from elbolab.inference import ELBO, get_objective, log_likelihood
+from elbolab.runs import RunConfig, load_run, save_run
+from elbolab.runs.folder import build_run_guide, build_run_model
 from elbolab.inference.fit import FitConfig
 from elbolab.inference.traces import sample_sites
 from elbolab.models import ModelConfig

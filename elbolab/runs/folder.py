@@ -5,7 +5,7 @@ Nothing here unpickles: safetensors holds raw tensors only, the rest is text. A 
     config.json           RunConfig: [data], [model], [guide], [fit] sections, data shape, format version
     weights.safetensors   model and guide state, keys prefixed "model." and "guide."
     history.csv           one row per epoch (see FitResult)
-    checkpoint.safetensors  the training state for `elbolab fit --resume` (training_state.py)
+    checkpoint.safetensors  the training state for `elbolab fit --resume` (elbolab/inference/training_checkpoint.py)
     metrics.json          written by `elbolab evaluate`
 """
 
@@ -38,7 +38,7 @@ from elbolab.errors import InputError, closest_names
 from elbolab.guides import GuideConfig
 from elbolab.guides.config import MODEL_GUIDES, build_model_guide
 from elbolab.inference.fit import FitConfig
-from elbolab.inference.storage import (
+from elbolab.files import (
     FORMAT_VERSION,
     atomic_write,
     load_tensors,
@@ -46,7 +46,7 @@ from elbolab.inference.storage import (
     save_tensors,
     write_json,
 )
-from elbolab.inference.training_state import CHECKPOINT_FILE, load_module_state, read_checkpoint
+from elbolab.inference.training_checkpoint import CHECKPOINT_FILE, load_module_state, read_checkpoint
 from elbolab.models import ModelConfig, build_model
 
 CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, METRICS_FILE = (

@@ -1,6 +1,6 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint is one safetensors file (written atomically by :mod:`elbolab.inference.storage`):
+A checkpoint is one safetensors file (written atomically by :mod:`elbolab.files`):
 
     model.*, guide.*     module state (parameters and buffers, e.g. a VQ codebook's EMA sums)
     param.N              trainable tensors outside any module (``pyro.param`` sites), by optimizer index
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from elbolab.errors import InputError
-from elbolab.inference.storage import load_tensors, save_tensors
+from elbolab.files import load_tensors, save_tensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
