@@ -2,18 +2,20 @@
 
 Every file elbolab writes goes to a temporary file in the same folder, is flushed and fsynced,
 and is renamed over its target (``os.replace`` is atomic on POSIX and Windows), so a crash or a
-SIGKILL at any moment leaves either the old file or the new one, never a mix.
+SIGKILL at any moment leaves either the old file or the new one, never a mix: bytes through
+:func:`atomic_write`, writers that need a file name (netCDF, figures) through :func:`atomic_path`.
 
 Tensors are stored as safetensors, whose header carries the format version and a SHA-256 of
 every tensor's name, dtype, shape and bytes: a truncated file fails to parse, a flipped byte fails
 the checksum, and a file from a newer elbolab is refused by version, each with a message naming
-the file. Nothing is unpickled: safetensors holds raw tensors, everything else is JSON.
+the file. Nothing is unpickled: safetensors holds raw tensors, settings and records are JSON.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "FORMAT_VERSION",
+    "atomic_path",
     "atomic_write",
     "load_tensors",
     "read_json",
@@ -26,6 +28,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +43,38 @@ from elbolab.errors import InputError
 FORMAT_VERSION = 1
 
 
-def atomic_write(path: str | Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically: temporary file, flush, fsync, rename, fsync folder."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that need a file name; on success it becomes ``path``.
+
+    The body writes the temporary file (``to_netcdf(tmp)``, ``savefig(tmp)``); when it returns,
+    the file is fsynced and renamed over ``path``, and the folder fsynced. When it raises, the
+    temporary file is removed and ``path`` is left as it was. The temporary's name is
+    ``.<name>.<random>.tmp`` (what :func:`remove_stale_temporaries` deletes), so writers that
+    choose a format from the file name's extension must be told the format of ``path``.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
 
 
+def atomic_write(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+
+
 def remove_stale_temporaries(path: str | Path) -> None:
-    """Delete the temporary files a process killed in the middle of :func:`atomic_write` of ``path`` left."""
+    """Delete the temporary files a process killed in the middle of :func:`atomic_path` of ``path`` left."""
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -130,6 +148,15 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's bytes to the disk (through a descriptor of its own, writable for Windows)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:

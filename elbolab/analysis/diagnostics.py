@@ -40,8 +40,6 @@ __all__ = [
 ]
 
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -59,11 +57,12 @@ from matplotlib.lines import Line2D
 from pyro import poutine
 from torch import Tensor
 
-from elbolab.version import __version__
+from elbolab.analysis.plots import save_figure
 from elbolab.contract import DataPlateScale, check_traced_rows
 from elbolab.errors import InputError
+from elbolab.files import atomic_path
 from elbolab.inference import log_importance_weights
-from elbolab.inference.evaluate import CHUNK_ELEMENTS, evaluation_inputs
+from elbolab.inference.evaluate import Chunk, evaluation_inputs, over_chunks
 from elbolab.inference.traces import (
     PARTICLE_PLATE,
     data_plate_dim,
@@ -73,6 +72,7 @@ from elbolab.inference.traces import (
     run_traced,
     site_log_prob,
 )
+from elbolab.version import __version__
 
 K_HAT_GOOD = 0.5  # below: importance sampling from q is reliable for this point
 K_HAT_BAD = 0.7  # above: the guide cannot be trusted for this point
@@ -225,38 +225,37 @@ def to_inference_data(
             f"statistics summarize one observed site, and the model observes {len(observed_names)} "
             f"({', '.join(map(repr, observed_names))}): leave statistics out"
         )
-    width = max(1, math.prod(x.shape[1:]))
     nesting = contract.plate_nesting
-    chunk = max(1, CHUNK_ELEMENTS // (max(num_samples, prior_samples) * width))
-    latents: dict[str, list[np.ndarray]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    replicated: dict[str, list[np.ndarray]] = {name: [] for name in observed_names}
-    observed: dict[str, list[np.ndarray]] = {name: [] for name in observed_names}
-    log_lik: dict[str, list[np.ndarray]] = {name: [] for name in observed_names}
-    log_weight = []
+
+    def draws(chunk: Chunk) -> dict[str, dict[str, np.ndarray]]:
+        """Every array of the chunk's points, ``[S, n, ...]`` (observed data: ``[n, ...]``)."""
+        n = chunk.size
+        with DataPlateScale(contract.plates, 1.0, chunk.rows):
+            model_trace, guide_trace = run_traced(model, guide, chunk.batch, {}, num_samples, nesting)
+        check_traced_rows(model_trace, contract, chunk.start)
+        data_dim = data_plate_dim(model_trace, contract.data_plate)
+        part: dict[str, dict[str, np.ndarray]] = {"posterior": {}, "replicated": {}, "observed": {}, "log_lik": {}}
+        for name, site in local_latent_sites(model_trace, "to_inference_data", plate=contract.data_plate):
+            shapes[name] = _point_shape(site, data_dim)
+            part["posterior"][name] = _numpy(site["value"], num_samples, n, shapes[name])
+        for name in observed_names:
+            site = model_trace.nodes[name]
+            shapes[name] = _point_shape(site, data_dim)
+            part["replicated"][name] = _numpy(site["fn"].sample(), num_samples, n, shapes[name])
+            part["observed"][name] = site["value"].reshape(n, *shapes[name]).cpu().numpy()
+            part["log_lik"][name] = (
+                per_point(site_log_prob(site), -(nesting + 1), data_dim).expand(num_samples, n).cpu().numpy()
+            )
+        w, _ = log_weights_per_point(model_trace, guide_trace, nesting, contract)
+        part["sample_stats"] = {"log_weight": w.cpu().numpy()}
+        return part
+
     with pyro.validation_enabled(False):
-        for start in range(0, num_points, chunk):
-            batch = (x[start : start + chunk], *(a[start : start + chunk] for a in args))
-            n = batch[0].shape[0]
-            rows = torch.arange(start, start + n, device=x.device)
-            with DataPlateScale(contract.plates, 1.0, rows):
-                model_trace, guide_trace = run_traced(model, guide, batch, {}, num_samples, nesting)
-            check_traced_rows(model_trace, contract, start)
-            data_dim = data_plate_dim(model_trace, contract.data_plate)
-            for name, site in local_latent_sites(model_trace, "to_inference_data", plate=contract.data_plate):
-                shapes[name] = _point_shape(site, data_dim)
-                latents.setdefault(name, []).append(_numpy(site["value"], num_samples, n, shapes[name]))
-            for name in observed_names:
-                site = model_trace.nodes[name]
-                shapes[name] = _point_shape(site, data_dim)
-                replicated[name].append(_numpy(site["fn"].sample(), num_samples, n, shapes[name]))
-                observed[name].append(site["value"].reshape(n, *shapes[name]).cpu().numpy())
-                log_lik[name].append(per_point(site_log_prob(site), -(nesting + 1), data_dim).expand(num_samples, n).cpu().numpy())
-            w, _ = log_weights_per_point(model_trace, guide_trace, nesting, contract)
-            log_weight.append(w.cpu().numpy())
-    posterior = {name: np.concatenate(parts, axis=1)[None] for name, parts in latents.items()}
-    x_rep = {name: np.concatenate(parts, axis=1)[None] for name, parts in replicated.items()}  # [1, S, N, ...]
-    x_obs = {name: np.concatenate(parts, axis=0) for name, parts in observed.items()}
+        parts = [part for _, part in over_chunks(draws, x, args, int(num_samples), split_samples=False)]
+    posterior = _joined([p["posterior"] for p in parts], axis=1, chain=True)
+    x_rep = _joined([p["replicated"] for p in parts], axis=1, chain=True)  # [1, S, N, ...]
+    x_obs = _joined([p["observed"] for p in parts], axis=0)
     dims = {name: ["obs", *_site_dims(name, shape)] for name, shape in shapes.items()}
     dims |= {name: ["obs"] for name in (*statistics, "log_weight", "label")}
     coords = {"obs": obs}
@@ -292,16 +291,14 @@ def to_inference_data(
     groups = {
         "posterior": dataset(posterior),
         "posterior_predictive": dataset(with_statistics(x_rep)),
-        "log_likelihood": dataset(
-            {name: np.concatenate(parts, axis=1)[None] for name, parts in log_lik.items()}, per_point=True
-        ),
-        "sample_stats": dataset({"log_weight": np.concatenate(log_weight, axis=1)[None]}),
+        "log_likelihood": dataset(_joined([p["log_lik"] for p in parts], axis=1, chain=True), per_point=True),
+        "sample_stats": dataset(_joined([p["sample_stats"] for p in parts], axis=1, chain=True)),
         "observed_data": dataset(with_statistics(x_obs), sampled=False),
     }
     if labels is not None:
         groups["constant_data"] = dataset({"label": labels.detach().cpu().numpy()}, sampled=False)
     if prior_samples:
-        prior, prior_x = _prior_draws(model, x, prior_samples, nesting, chunk, contract, shapes)
+        prior, prior_x = _prior_draws(model, x, int(prior_samples), nesting, contract, shapes)
         groups["prior"] = dataset(prior)
         groups["prior_predictive"] = dataset(with_statistics(prior_x))
     return arviz.InferenceData(**groups)
@@ -317,16 +314,24 @@ def _point_shape(site: dict, data_dim: int) -> tuple[int, ...]:
     return tuple(site["value"].shape[position + 1 :])
 
 
+def _joined(parts: list[dict[str, np.ndarray]], axis: int, chain: bool = False) -> dict[str, np.ndarray]:
+    """Each name's arrays of the chunks joined along ``axis`` (the points'), after a chain dim if ``chain``."""
+    joined = {name: np.concatenate([part[name] for part in parts], axis=axis) for name in parts[0]}
+    return {name: value[None] for name, value in joined.items()} if chain else joined
+
+
 def _prior_draws(
-    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, chunk: int, contract: Any, shapes: dict
+    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, contract: Any, shapes: dict
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``draws`` runs of the model with ``x=None``, N points each: latents and generated observations, ``[1, draws, N, ...]``."""
-    latents: dict[str, list[np.ndarray]] = {}
-    generated: dict[str, list[np.ndarray]] = {name: [] for name in contract.observed}
-    for start in range(0, x.shape[0], chunk):
-        n = min(chunk, x.shape[0] - start)
-        rows = torch.arange(start, start + n, device=x.device)
-        with poutine.trace() as tracer, DataPlateScale(contract.plates, 1.0, rows), pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)):
+
+    def prior(chunk: Chunk) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        n = chunk.size
+        with (
+            poutine.trace() as tracer,
+            DataPlateScale(contract.plates, 1.0, chunk.rows),
+            pyro.plate(PARTICLE_PLATE, draws, dim=-(nesting + 1)),
+        ):
             try:
                 model(None, batch_size=n)
             except TypeError as error:
@@ -334,27 +339,22 @@ def _prior_draws(
                     f"prior draws run model(None, batch_size=n), the model contract's way to generate; this model "
                     f"cannot ({error}): leave prior_samples at 0"
                 ) from None
-        for name, site in local_latent_sites(tracer.trace, "to_inference_data", plate=contract.data_plate):
-            latents.setdefault(name, []).append(_numpy(site["value"], draws, n, shapes[name]))
-        for name in contract.observed:
-            generated[name].append(_numpy(tracer.trace.nodes[name]["value"], draws, n, shapes[name]))
-    return (
-        {name: np.concatenate(parts, axis=1)[None] for name, parts in latents.items()},
-        {name: np.concatenate(parts, axis=1)[None] for name, parts in generated.items()},
-    )
+        latents = {
+            name: _numpy(site["value"], draws, n, shapes[name])
+            for name, site in local_latent_sites(tracer.trace, "to_inference_data", plate=contract.data_plate)
+        }
+        generated = {name: _numpy(tracer.trace.nodes[name]["value"], draws, n, shapes[name]) for name in contract.observed}
+        return latents, generated
+
+    parts = [part for _, part in over_chunks(prior, x, (), draws, split_samples=False)]
+    return _joined([p[0] for p in parts], axis=1, chain=True), _joined([p[1] for p in parts], axis=1, chain=True)
 
 
 def save_inference_data(idata: Any, path: str | Path) -> Path:
-    """Write ``idata`` as compressed netCDF, atomically (a temporary file in the folder, then a rename)."""
+    """Write ``idata`` as compressed netCDF, atomically (:func:`~elbolab.files.atomic_path`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nc")
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        idata.to_netcdf(str(tmp))
     return path
 
 
@@ -399,9 +399,7 @@ def plot_khat(pareto_k: np.ndarray | pd.Series, path: str | Path, title: str = "
     ], fontsize=8, loc="best")
     ax.set_title(title or "PSIS k-hat of q(z|x) per data point", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_ppc_statistics(idata: Any, path: str | Path, var_names: list[str], num_pp_samples: int = 50) -> Path:
@@ -423,6 +421,4 @@ def plot_ppc_statistics(idata: Any, path: str | Path, var_names: list[str], num_
         ax.legend(fontsize=8)  # ArviZ sizes its legends differently per panel
     fig.suptitle("posterior predictive check\nreplicated x ~ p(x | z), z ~ q(z | x), against the observed x", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

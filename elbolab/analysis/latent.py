@@ -19,6 +19,7 @@ mixture), else the average of ``num_samples`` draws (flows, auto guides).
 from __future__ import annotations
 
 __all__ = [
+    "ACTIVE_UNIT_THRESHOLD",
     "active_units",
     "interpolate",
     "kl_per_dimension",
@@ -54,6 +55,10 @@ Model = Callable[..., Any]
 
 
 DRAWS_PLATE = "_latent_draws"
+
+# A latent unit is active when Cov_x(E_q[z_d | x]) exceeds this: the criterion of Burda et al.
+# (2016, "Importance weighted autoencoders", section 5.2). Every count of active units uses it.
+ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 def _latent_sites(trace: poutine.Trace, batch_size: int) -> list[tuple[str, dict]]:
@@ -301,7 +306,7 @@ def unit_activity(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 64)
 
     ``E_q[z | x]`` is the mean of ``num_samples`` draws of the guide, so it works for any guide;
     the variance that this Monte Carlo estimate adds, ``E_x[Var_q(z_d | x)] / num_samples``
-    (about 1/64 for a collapsed unit, more than the usual threshold of 0.01), is subtracted.
+    (about 1/64 for a collapsed unit, more than :data:`ACTIVE_UNIT_THRESHOLD`), is subtracted.
 
     Returns:
         A DataFrame with columns ``site``, ``dim`` (index in the flattened site) and ``activity``.
@@ -316,11 +321,14 @@ def unit_activity(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 64)
     return pd.DataFrame(rows)
 
 
-def active_units(guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 64, threshold: float = 0.01) -> int:
-    """Latent dimensions whose posterior mean varies across data points: ``Cov_x(E_q[z|x]) > 0.01``.
+def active_units(
+    guide: Guide, x: Tensor, *args: Tensor, num_samples: int = 64, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> int:
+    """Latent dimensions whose posterior mean varies across data points: ``Cov_x(E_q[z|x]) > threshold``.
 
-    The criterion of Burda et al. (2016, section 5.2): a unit whose posterior mean does not
-    depend on x carries no information about it (posterior collapse). See :func:`unit_activity`.
+    The criterion of Burda et al. (2016, section 5.2), with their threshold
+    :data:`ACTIVE_UNIT_THRESHOLD` by default: a unit whose posterior mean does not depend on x
+    carries no information about it (posterior collapse). See :func:`unit_activity`.
     """
     return int((unit_activity(guide, x, *args, num_samples=num_samples)["activity"] > threshold).sum())
 

@@ -1,6 +1,7 @@
 """Figures of a run: learning curves, image grids, reconstructions, and the diagnostics of ``diagnose``.
 
-Written with matplotlib's non-interactive Agg backend, straight to PNG files.
+Written with matplotlib's non-interactive Agg backend, to PNG files, each atomically through
+:func:`save_figure`: a figure on disk is whole or absent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __all__ = [
     "plot_kl_per_dimension",
     "plot_latent_scatter",
     "plot_reconstructions",
+    "save_figure",
 ]
 
 import math
@@ -28,15 +30,30 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
+from elbolab.analysis.latent import ACTIVE_UNIT_THRESHOLD
+from elbolab.files import atomic_path
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format of its extension, and free the figure.
+
+    Every figure of elbolab is saved here, so that an interrupted write leaves the old file or none.
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:  # the temporary's name ends in .tmp: the format comes from path
+            fig.savefig(tmp, format=path.suffix[1:] or plt.rcParams["savefig.format"])
+    finally:
+        plt.close(fig)
+    return path
+
 
 def _finish(fig: plt.Figure, ax: plt.Axes, path: str | Path) -> Path:
     """Grid, legend, layout; write the PNG and free the figure."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -69,9 +86,7 @@ def plot_image_grid(
     _show_grid(axes, images, image_shape)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_reconstructions(
@@ -90,9 +105,7 @@ def plot_reconstructions(
         axes[2 * p, 0].set_title("input", fontsize=8, loc="left")
         axes[2 * p + 1, 0].set_title("reconstruction", fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_comparison_curves(histories: pd.DataFrame, path: str | Path) -> Path:
@@ -156,9 +169,7 @@ def plot_image_rows(
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_gap_histogram(table: pd.DataFrame, path: str | Path) -> Path:
@@ -209,12 +220,12 @@ def plot_latent_scatter(
         ax.set_ylabel(axis_labels[1])
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
-def plot_kl_per_dimension(table: pd.DataFrame, path: str | Path, threshold: float = 0.01) -> Path:
+def plot_kl_per_dimension(
+    table: pd.DataFrame, path: str | Path, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> Path:
     """KL(q(z_d|x) || p(z_d)) per latent dimension, largest first; bars of inactive units in grey.
 
     ``table`` has columns ``site``, ``dim``, ``kl`` and ``activity`` (see
@@ -235,6 +246,4 @@ def plot_kl_per_dimension(table: pd.DataFrame, path: str | Path, threshold: floa
                        plt.Rectangle((0, 0), 1, 1, color="0.7", label="inactive (collapsed)")], fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -48,6 +48,7 @@ from elbolab.analysis.diagnostics import (
     to_inference_data,
 )
 from elbolab.analysis.latent import (
+    ACTIVE_UNIT_THRESHOLD,
     interpolate,
     kl_per_dimension,
     latent_projection,
@@ -61,9 +62,9 @@ from elbolab.analysis.plots import (
     plot_latent_scatter,
 )
 from elbolab.errors import InputError
+from elbolab.files import atomic_write
 from elbolab.models.draws import decode_posterior_draws
 
-ACTIVE_THRESHOLD = 0.01  # Burda et al.'s threshold on Cov_x(E_q[z_d | x])
 TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
 
 
@@ -151,7 +152,7 @@ def diagnose(
 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".diagnose-") as tmp:
         out = Path(tmp)
-        table.to_csv(out / "diagnostics.csv")
+        atomic_write(out / "diagnostics.csv", table.to_csv().encode())
         save_inference_data(idata, out / "inference_data.nc")
         plot_khat(table["pareto_k"].to_numpy(), out / "khat.png",
                   title=f"PSIS k-hat of q(z|x) per data point (K = {num_samples})")
@@ -160,7 +161,7 @@ def diagnose(
                             labels=labels.cpu().numpy() if labels is not None else None,
                             pareto_k=table["pareto_k"].to_numpy())
         if "kl" in dimensions:
-            plot_kl_per_dimension(dimensions, out / "kl_per_dimension.png", threshold=ACTIVE_THRESHOLD)
+            plot_kl_per_dimension(dimensions, out / "kl_per_dimension.png")
         if image_shape is not None:
             with pyro.validation_enabled(False):
                 _image_figures(model, guide, x, table, dimensions, idata, image_shape, labels, out, binary)
@@ -190,7 +191,7 @@ def _summary(table: pd.DataFrame, dimensions: pd.DataFrame, num_samples: int, kl
         "gap_mean": float(table["gap"].mean()),
         "gap_median": float(table["gap"].median()),
         "ess_fraction": float(table["ess"].mean() / num_samples),
-        "active_units": int((dimensions["activity"] > ACTIVE_THRESHOLD).sum()),
+        "active_units": int((dimensions["activity"] > ACTIVE_UNIT_THRESHOLD).sum()),
         "latent_dims": len(dimensions),
     }
     if "kl" in dimensions:

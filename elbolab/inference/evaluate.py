@@ -6,12 +6,14 @@ is the IWAE bound with K samples (Burda et al. 2016), a consistent estimator of 
 tightens as K grows. The same log-weights give the ELBO estimate ``mean_k log w_k``, the
 expected reconstruction ``mean_k log p(x | z_k)`` and the effective sample size
 ``(sum w)^2 / sum w^2`` per data point (Kong 1992). Samples are vectorized in a particle plate
-and processed in chunks over data points and samples, so memory stays bounded for any K.
+and processed in chunks over data points and samples (:func:`over_chunks`, the loop the estimators and
+the InferenceData export share), so memory stays bounded for any K.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Chunk",
     "Evidence",
     "ImportanceEstimate",
     "chunk_elements",
@@ -20,12 +22,13 @@ __all__ = [
     "log_evidence",
     "log_importance_weights",
     "log_likelihood",
+    "over_chunks",
 ]
 
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyro
@@ -204,6 +207,106 @@ def _per_point_arg(arg: Any, what: str, x: Tensor) -> Tensor:
     return arg.to(x.device)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of an evaluation (see :func:`over_chunks`): ``samples`` samples of some data points.
+
+    Attributes:
+        start: the row of ``x`` of the chunk's first point.
+        batch: ``x`` and the further per-point arguments, each the chunk's rows.
+        rows: the row numbers ``start .. start + size - 1``, on the data's device (the subsample
+            of the data plate).
+        samples: samples (particles) of each point in this chunk.
+        first, last: whether this is the first / last chunk of samples of these points.
+    """
+
+    start: int
+    batch: tuple[Tensor, ...]
+    rows: Tensor
+    samples: int
+    first: bool
+    last: bool
+
+    @property
+    def size(self) -> int:
+        """Data points in the chunk."""
+        return self.batch[0].shape[0]
+
+
+T = TypeVar("T")
+
+
+def over_chunks(
+    step: Callable[[Chunk], T],
+    x: Tensor,
+    args: tuple[Tensor, ...],
+    num_samples: int,
+    *,
+    batch_size: int | None = None,
+    split_samples: bool = True,
+    progress: bool | None = False,
+    desc: str = "log p(x)",
+) -> Iterator[tuple[Chunk, T]]:
+    """``(chunk, step(chunk))`` for chunks of ``num_samples`` samples of every point of ``x``, in order.
+
+    The one loop of every estimator that draws many samples per data point. Running a model and
+    guide on K samples of N points of width D holds about K x N x D elements at once (the
+    decoder's output, log-densities and their intermediates), which for K in the thousands
+    outgrows any memory; chunks keep it within :func:`chunk_elements` of the data's device
+    (larger on a GPU, from its free memory). Batches of points come in order, and within a batch
+    its chunks of samples (``last`` on the final one). ``split_samples=False`` keeps all
+    ``num_samples`` of a point in one chunk, for callers that need every draw of a point at once.
+
+    A step that runs out of memory (``torch.OutOfMemoryError``: the estimate of memory per
+    element was too low for this model) is run again on half as many samples, or points with
+    ``split_samples=False``, and the smaller size is kept; it is raised once a chunk is one sample
+    of one point. ``step`` must therefore not change anything before it returns.
+
+    Arguments:
+        step: the work on one :class:`Chunk`; its result is yielded with the chunk.
+        x: data ``[N, ...]``; ``args``: further per-point tensors, chunked with it.
+        num_samples: samples per data point.
+        batch_size: data points per chunk (default: as many as fit with 16 samples, or with all
+            ``num_samples`` when samples are not split).
+        split_samples: whether a point's samples may be spread over several chunks.
+        progress, desc: a progress bar over data points (``None``: only on a terminal) and its label.
+    """
+    num_points = x.shape[0]
+    width = max(1, math.prod(x.shape[1:]))
+    elements = chunk_elements(x.device)
+    if batch_size is None:
+        batch_size = max(1, min(num_points, elements // ((16 if split_samples else num_samples) * width)))
+    sample_chunk = max(1, min(num_samples, elements // (batch_size * width))) if split_samples else num_samples
+    bar = tqdm(total=num_points, desc=desc, unit="pt", disable=_disable(progress), leave=False)
+    start = 0
+    while start < num_points:
+        batch = (x[start : start + batch_size], *(a[start : start + batch_size] for a in args))
+        rows = torch.arange(start, start + batch[0].shape[0], device=x.device)
+        done = 0
+        while done < num_samples:
+            k = min(sample_chunk, num_samples - done)
+            chunk = Chunk(start, batch, rows, k, first=done == 0, last=done + k == num_samples)
+            try:
+                result = step(chunk)
+            except torch.OutOfMemoryError:
+                if split_samples and k > 1:
+                    sample_chunk = k // 2
+                elif not split_samples and chunk.size > 1:
+                    batch_size = chunk.size // 2
+                    batch = tuple(a[:batch_size] for a in batch)
+                    rows = rows[:batch_size]
+                else:
+                    raise
+                if x.is_cuda:
+                    torch.cuda.empty_cache()
+                continue
+            done += k
+            yield chunk, result
+        bar.update(batch[0].shape[0])
+        start += batch[0].shape[0]
+    bar.close()
+
+
 def _weight_chunks(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -214,47 +317,27 @@ def _weight_chunks(
     batch_size: int | None,
     progress: bool | None,
 ) -> Iterator[tuple[Tensor, Tensor, bool]]:
-    """``(log w [k, n], log p(x | z) [k, n], last)`` for chunks of samples of batches of points.
+    """``(log w [k, n], log p(x | z) [k, n], last)`` for the chunks of :func:`over_chunks`.
 
-    Batches of points come in order; within a batch, chunks of samples, ``last`` on its final one.
-    Chunks keep memory bounded by :func:`chunk_elements`; the particles of a chunk are vectorized.
-    Every chunk runs under a unit data-plate scale (a subsampling plate's training scale is undone)
-    with the chunk's rows as the plate's subsample.
+    The particles of a chunk are vectorized. Every chunk runs under a unit data-plate scale (a
+    subsampling plate's training scale is undone) with the chunk's rows as the plate's subsample.
     """
     if not is_integer(num_samples) or num_samples < 1:
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
-    num_points = x.shape[0]
-    width = max(1, math.prod(x.shape[1:]))
-    elements = chunk_elements(x.device)
-    if batch_size is None:
-        batch_size = max(1, min(num_points, elements // (16 * width)))
-    sample_chunk = max(1, min(num_samples, elements // (batch_size * width)))
     nesting = contract.plate_nesting
-    bar = tqdm(total=num_points, desc="log p(x)", unit="pt", disable=_disable(progress), leave=False)
+
+    def weights(chunk: Chunk) -> tuple[Tensor, Tensor]:
+        with DataPlateScale(contract.plates, 1.0, chunk.rows):
+            model_trace, guide_trace = run_traced(model, guide, chunk.batch, {}, chunk.samples, nesting)
+        if chunk.first:
+            check_traced_rows(model_trace, contract, chunk.start)
+        return log_weights_per_point(model_trace, guide_trace, nesting, contract)
+
     with pyro.validation_enabled(False):
-        for start in range(0, num_points, batch_size):
-            batch = (x[start : start + batch_size], *(a[start : start + batch_size] for a in args))
-            rows = torch.arange(start, start + batch[0].shape[0], device=x.device)
-            done = 0
-            while done < num_samples:
-                k = min(sample_chunk, num_samples - done)
-                try:
-                    with DataPlateScale(contract.plates, 1.0, rows):
-                        model_trace, guide_trace = run_traced(model, guide, batch, {}, k, nesting)
-                    if done == 0:
-                        check_traced_rows(model_trace, contract, start)
-                    log_w, log_lik = log_weights_per_point(model_trace, guide_trace, nesting, contract)
-                except torch.OutOfMemoryError:
-                    if k == 1:
-                        raise
-                    sample_chunk = k // 2  # the estimate of memory per element was too low for this model
-                    if x.is_cuda:
-                        torch.cuda.empty_cache()
-                    continue
-                done += k
-                yield log_w, log_lik, done == num_samples
-            bar.update(batch[0].shape[0])
-    bar.close()
+        for chunk, (log_w, log_lik) in over_chunks(
+            weights, x, args, int(num_samples), batch_size=batch_size, progress=progress
+        ):
+            yield log_w, log_lik, chunk.last
 
 
 def log_likelihood(

@@ -11,6 +11,7 @@ import torch
 
 from elbolab import InputError
 from elbolab.analysis import (
+    diagnostics,
     importance_diagnostics,
     load_inference_data,
     plot_khat,
@@ -150,3 +151,64 @@ def test_refusals(tmp_path):
     (tmp_path / "bad.nc").write_bytes(b"not netcdf at all")
     with pytest.raises(InputError, match="bad.nc: not a readable InferenceData"):
         load_inference_data(tmp_path / "bad.nc")
+
+
+def _posterior_mean_guide(model):
+    """A guide that puts all of q(z | x) on the exact posterior mean: draws that no RNG changes."""
+
+    def guide(x=None, *, batch_size=None):
+        mean, _ = model.posterior(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Delta(mean, event_dim=1))
+
+    return guide
+
+
+def test_chunking_does_not_change_the_export(monkeypatch):
+    """Chunks of 3 points (the last of 1) give the arrays of one chunk, point by point and draw by draw."""
+    from elbolab.inference import evaluate
+
+    model = LinearGaussian.random(x_dim=10, z_dim=3, seed=1)
+    x = model.sample(13, generator=torch.Generator().manual_seed(0))
+    guide = _posterior_mean_guide(model)
+    whole = to_inference_data(model, guide, x, num_samples=5)
+    monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 3 * 5 * 10)  # 3 points of 5 draws of 10 values
+    calls = []
+    run_traced = diagnostics.run_traced
+    monkeypatch.setattr(diagnostics, "run_traced", lambda *a: calls.append(a[2][0].shape[0]) or run_traced(*a))
+    chunked = to_inference_data(model, guide, x, num_samples=5)
+    assert calls == [3, 3, 3, 3, 1]
+    for group, name in [("posterior", "z"), ("log_likelihood", "x"), ("sample_stats", "log_weight"),
+                        ("observed_data", "x")]:
+        np.testing.assert_array_equal(chunked[group][name].values, whole[group][name].values, err_msg=group)
+    assert chunked.posterior["z"].shape == (1, 5, 13, 3)
+
+    # With random draws, every chunk still pairs each point with its own draws and densities.
+    pyro.set_rng_seed(0)
+    random = to_inference_data(model, ExactPosteriorGuide(model), x, num_samples=5)
+    z = torch.as_tensor(random.posterior["z"].values[0])  # [S, N, k]
+    by_hand = dist.Normal(z @ model.weight.T + model.bias, model.noise_scale).log_prob(x).sum(-1)
+    np.testing.assert_allclose(random.log_likelihood["x"].values[0], by_hand.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(random.sample_stats["log_weight"].values[0],
+                               model.log_likelihood(x).numpy()[None].repeat(5, 0), atol=2e-4)
+
+
+def test_a_chunk_that_runs_out_of_memory_is_halved(monkeypatch):
+    model = LinearGaussian.random(x_dim=10, z_dim=3, seed=1)
+    x = model.sample(10, generator=torch.Generator().manual_seed(0))
+    guide = _posterior_mean_guide(model)
+    whole = to_inference_data(model, guide, x, num_samples=4)
+    sizes = []
+    run_traced = diagnostics.run_traced
+
+    def small_device(model, guide, args, kwargs, k, nesting):
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run_traced(model, guide, args, kwargs, k, nesting)
+
+    monkeypatch.setattr(diagnostics, "run_traced", small_device)
+    halved = to_inference_data(model, guide, x, num_samples=4)
+    assert sizes == [10, 5, 2, 2, 2, 2, 2]  # all 4 draws of a point stay in one chunk
+    np.testing.assert_array_equal(halved.log_likelihood["x"].values, whole.log_likelihood["x"].values)
+    np.testing.assert_array_equal(halved.posterior["z"].values, whole.posterior["z"].values)
