@@ -40,7 +40,7 @@ def main() -> None:
     test = load_dataset("digits", "test", binarize="dynamic").fixed_binarization(seed=0)
     guides = {
         "gaussian": lambda: GaussianGuide(64, 8, hidden=(256,)),
-        "iaf x4": lambda: FlowGuide(64, 8, hidden=(256,), flow="iaf", depth=4),
+        "iaf x4": lambda: FlowGuide(64, 8, hidden=(256,), flow="iaf", flow_depth=4),
     }
     tables = {}
     for name, make_guide in guides.items():

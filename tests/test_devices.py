@@ -21,8 +21,8 @@ from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
 from elbolab.inference import fit, log_likelihood
 from elbolab.runs import RunConfig, load_run, save_run
-from elbolab.runs.folder import build_run_guide, build_run_model
-from elbolab.inference.fit import FitConfig, _step_function, make_adam
+from elbolab.inference.fit import FitConfig
+from elbolab.inference.step import RunningSums, make_adam, step_function
 from elbolab.inference.objectives import get_objective
 from elbolab.inference.training_checkpoint import CHECKPOINT_FILE, read_checkpoint
 from elbolab.models import ModelConfig
@@ -49,8 +49,8 @@ def build(case: str) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module]:
     config = RunConfig(DataConfig("digits"), model_config, FitConfig(objective=objective, epochs=2, batch_size=BATCH),
                        guide_config, x_dim=X_DIM, y_dim=Y_DIM if model_config.name == "cvae" else None)
     pyro.set_rng_seed(0)
-    model = build_run_model(config, X_DIM)
-    return config, model, build_run_guide(config, model)
+    model = config.new_model()
+    return config, model, config.new_guide(model)
 
 
 def data(case: str, points: int = N) -> tuple[torch.Tensor, ...]:
@@ -59,7 +59,7 @@ def data(case: str, points: int = N) -> tuple[torch.Tensor, ...]:
 
 
 def particles(case: str) -> dict[str, int]:
-    return {} if CASES[case][2] in ("elbo", "elbo-analytic") else {"num_particles": 2}
+    return {} if CASES[case][2] in ("elbo", "elbo-analytic") else {"particles": 2}
 
 
 def train(case: str, device: str, checkpoint: Path | None = None, points: int = N):
@@ -153,8 +153,8 @@ def test_cuda_training_runs_with_synchronizations_reported_as_errors(case: str) 
     objective = get_objective(CASES[case][2])
     params = [*model.parameters(), *guide.parameters()]
     optimizer = make_adam(params, 1e-3)
-    take_step = _step_function(optimizer, params, clip_grad_norm=1.0)
-    tally = torch.zeros(5, dtype=torch.float64, device="cuda")
+    take_step = step_function(optimizer, params, clip_grad_norm=1.0)
+    sums = RunningSums.zeros("cuda")
     objective.differentiable_loss(model, guide, x[:BATCH], *(a[:BATCH] for a in args)).backward()  # the validated run
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -164,7 +164,7 @@ def test_cuda_training_runs_with_synchronizations_reported_as_errors(case: str) 
                 loss = objective.differentiable_loss(model, guide, x[order], *(a[order] for a in args))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                take_step(loss.detach(), BATCH, tally)
+                take_step(loss.detach(), BATCH, sums)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -173,6 +173,6 @@ def test_data_too_large_for_the_gpu_stream_from_pinned_memory_with_the_same_resu
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
     resident = train("cvae", "cuda")[3].history
-    monkeypatch.setattr("elbolab.inference.fit.DEVICE_DATA_FRACTION", 0.0)  # nothing fits: stream every batch
+    monkeypatch.setattr("elbolab.inference.staging.DEVICE_DATA_FRACTION", 0.0)  # nothing fits: stream every batch
     streamed = train("cvae", "cuda")[3].history
     torch.testing.assert_close(torch.tensor(streamed["train_loss"].to_numpy()), torch.tensor(resident["train_loss"].to_numpy()))

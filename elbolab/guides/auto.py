@@ -38,7 +38,7 @@ from elbolab.data.checks import as_points
 from elbolab.errors import InputError, closest_names
 from elbolab.guides.config import GUIDE_CLASSES
 
-FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "depth", "flow_hidden")}
+FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "flow_depth", "flow_hidden")}
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ class AutoAmortizedGuide(nn.Module):
         family: ``"gaussian"`` (diagonal), ``"mixture"`` or ``"flow"``: the distribution of u.
         hidden: hidden widths of the encoder.
         activation: encoder activation.
-        **family_options: ``components`` (mixture); ``flow``, ``depth``, ``flow_hidden`` (flow).
+        **family_options: ``components`` (mixture); ``flow``, ``flow_depth``, ``flow_hidden`` (flow).
 
     Example:
-        >>> guide = AutoAmortizedGuide(model, x[:10], family="flow", flow="iaf", depth=2)
+        >>> guide = AutoAmortizedGuide(model, x[:10], family="flow", flow="iaf", flow_depth=2)
         >>> fit(model, guide, x)
     """
 

@@ -91,7 +91,7 @@ class FlowGuide(nn.Module):
         x_dim: data width.
         z_dim: latent width.
         flow: one of :data:`FLOWS`.
-        depth: number of flow layers L.
+        flow_depth: number of flow layers L (the [guide] option of the same name).
         hidden: hidden widths of the encoder; its last hidden layer is the flows' context h(x).
         flow_hidden: hidden widths of each layer's parameter network (default ``[max(4 z_dim, 32)]``).
         site: name of the model's latent sample site.
@@ -99,7 +99,7 @@ class FlowGuide(nn.Module):
         min_scale: lower bound of the base Gaussian's scale.
 
     Example:
-        >>> guide = FlowGuide(784, 20, flow="iaf", depth=4, hidden=(400,))
+        >>> guide = FlowGuide(784, 20, flow="iaf", flow_depth=4, hidden=(400,))
         >>> q = guide.distribution(torch.zeros(3, 784))  # batch [3], event [20]
     """
 
@@ -108,7 +108,7 @@ class FlowGuide(nn.Module):
         x_dim: int,
         z_dim: int,
         flow: str = "iaf",
-        depth: int = 4,
+        flow_depth: int = 4,
         hidden: Sequence[int] = (400,),
         flow_hidden: Sequence[int] | None = None,
         site: str = "z",
@@ -118,8 +118,8 @@ class FlowGuide(nn.Module):
         super().__init__()
         if flow not in FLOWS:
             raise InputError(f"FlowGuide: unknown flow {flow!r}; {closest_names(flow, FLOWS)}")
-        if not is_integer(depth) or depth < 1:
-            raise InputError(f"FlowGuide: depth must be a positive integer, got {depth}")
+        if not is_integer(flow_depth) or flow_depth < 1:
+            raise InputError(f"FlowGuide: flow_depth must be a positive integer, got {flow_depth}")
         if flow in _PERMUTED and z_dim < 2:
             raise InputError(f"FlowGuide: the {flow} flow needs z_dim of 2 or more, got {z_dim}")
         if not hidden:
@@ -128,7 +128,7 @@ class FlowGuide(nn.Module):
         self.head = nn.Linear(hidden[-1], 2 * z_dim)
         context_dim = hidden[-1]
         widths = list(flow_hidden) if flow_hidden is not None else [max(4 * z_dim, 32)]
-        self.layers = nn.ModuleList(_LAYERS[flow](z_dim, context_dim, widths) for _ in range(int(depth)))
+        self.layers = nn.ModuleList(_LAYERS[flow](z_dim, context_dim, widths) for _ in range(int(flow_depth)))
         for layer in self.layers:
             _start_at_identity(layer, flow, z_dim)
         self.flow, self.z_dim, self.site, self.min_scale = flow, z_dim, site, min_scale

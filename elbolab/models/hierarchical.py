@@ -63,9 +63,11 @@ class HierarchicalVAE(nn.Module):
         obs_scale: float | None = None,
     ) -> None:
         super().__init__()
+        if len(z_dims) < 2:
+            raise InputError(f"an hvae needs two or more stochastic layers in z_dims, got {tuple(z_dims)}")
         self.config = ModelConfig(
-            "hvae", int(z_dims[0]) if len(z_dims) else 1, tuple(hidden), likelihood, activation, obs_scale,
-            z_dims=tuple(z_dims), hidden_upper=tuple(hidden_upper or ()),
+            "hvae", int(z_dims[0]), tuple(hidden), likelihood, activation, obs_scale,
+            z_dims=tuple(z_dims), hidden_upper=tuple(hidden_upper or hidden),
         )
         self.x_dim, self.z_dims = x_dim, self.config.z_dims
         self.sites = tuple(f"z{level + 1}" for level in range(len(self.z_dims)))

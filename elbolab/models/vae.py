@@ -10,7 +10,7 @@ likelihood for grayscale data. The encoder is not part of the model: it is the g
 
 from __future__ import annotations
 
-__all__ = ["LIKELIHOODS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "start_at_data_mean"]
+__all__ = ["LIKELIHOODS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "check_likelihood", "start_at_data_mean"]
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,22 +24,38 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from elbolab.config import dataclass_from_dict, is_integer, is_real
+from elbolab.data import Dataset
 from elbolab.distributions import BernoulliRow
 from elbolab.errors import InputError, closest_names
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.nn import ACTIVATIONS, mlp
 
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
-MODEL_NAMES = ("vae", "cvae", "hvae", "vqvae", "autoencoder")
+
+
+def check_likelihood(likelihood: str, data: Dataset) -> None:
+    """Refuse a likelihood whose support does not hold the data: Bernoulli needs binary data, the
+    Gaussian real values (not binarized ones), the continuous Bernoulli values in [0, 1]."""
+    if likelihood == "bernoulli" and data.kind != "binary":
+        raise InputError(
+            f"the bernoulli likelihood needs binary data, but {data.name} is grayscale: "
+            "pass --binarize dynamic or threshold, or --likelihood continuous-bernoulli or gaussian"
+        )
+    if likelihood == "gaussian" and data.kind == "binary":
+        raise InputError(f"the gaussian likelihood is for real-valued data, but {data.name} is binarized: pass --binarize none")
+    if likelihood == "continuous-bernoulli" and (data.x.min() < 0 or data.x.max() > 1):
+        raise InputError(f"the continuous-bernoulli likelihood needs data in [0, 1]; {data.name} is not")
 
 
 @dataclass
 class ModelConfig:
-    """The ``[model]`` section of a run's config.
+    """The ``[model]`` section of a run's config: the options of every built-in model class.
+
+    Each class reads some of them; which, and which name each family has, is the registry's
+    (:mod:`elbolab.families`), which also checks a config against its family.
 
     Attributes:
-        name: ``"vae"``, ``"cvae"`` (conditional VAE), ``"hvae"`` (hierarchical VAE),
-            ``"vqvae"`` (vector-quantized VAE) or ``"autoencoder"``.
+        name: the model family (a key of :data:`elbolab.families.FAMILIES`).
         z_dim: latent (code) width; for ``vqvae`` the width of each codebook vector.
         hidden: encoder hidden widths; the decoder uses them reversed.
         likelihood: one of :data:`LIKELIHOODS`.
@@ -70,8 +86,6 @@ class ModelConfig:
         self.hidden = _widths("hidden", self.hidden, allow_empty=False)
         self.z_dims = _widths("z_dims", self.z_dims, allow_empty=True)
         self.hidden_upper = _widths("hidden_upper", self.hidden_upper, allow_empty=True)
-        if self.name not in MODEL_NAMES:
-            raise InputError(f"unknown model {self.name!r}; {closest_names(self.name, MODEL_NAMES)}")
         _check_positive_int("z_dim", self.z_dim)
         if self.likelihood not in LIKELIHOODS:
             raise InputError(
@@ -85,17 +99,8 @@ class ModelConfig:
             raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
         if self.obs_scale is not None and self.likelihood != "gaussian":
             raise InputError(f"obs_scale is the scale of the gaussian likelihood; the {self.likelihood} likelihood has none")
-        if self.name == "hvae":
-            self.z_dims = self.z_dims or (50, 20)
-            self.hidden_upper = self.hidden_upper or self.hidden
-            if len(self.z_dims) < 2:
-                raise InputError(f"an hvae needs two or more stochastic layers in z_dims, got {self.z_dims}")
-        elif self.z_dims or self.hidden_upper:
-            raise InputError(f"z_dims and hidden_upper are options of the hvae model, not of {self.name}")
         for name in ("codebook_size", "num_codes"):
             _check_positive_int(name, getattr(self, name))
-        if self.name == "vqvae" and self.codebook_size < 2:
-            raise InputError(f"codebook_size must be at least 2, got {self.codebook_size}")
         if not (is_real(self.commitment) and self.commitment >= 0):
             raise InputError(f"commitment must be a finite number >= 0, got {self.commitment}")
 

@@ -73,7 +73,7 @@ def covered(model, guide, x):
 
 
 @pytest.mark.parametrize("family, options", [("gaussian", {}), ("mixture", {"components": 3}),
-                                              ("flow", {"flow": "iaf", "depth": 2})])
+                                              ("flow", {"flow": "iaf", "flow_depth": 2})])
 def test_model_with_two_latent_sites_of_different_shapes(family, options, tmp_path):
     data = load_dataset("digits", binarize="threshold")
     x = data.x[:300]

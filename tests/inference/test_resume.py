@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from elbolab.data import load_dataset
 from elbolab.errors import InputError
 from elbolab.guides import GaussianGuide, GuideConfig
-from elbolab.guides.config import build_model_guide
-from elbolab.inference import fit
-from elbolab.inference.fit import TrainingInterrupted, _step_function
+from elbolab.families import build_model_guide
+from elbolab.inference import TrainingInterrupted, fit
+from elbolab.inference.step import RunningSums, step_function
 from elbolab.files import FORMAT_VERSION, load_tensors
 from elbolab.inference.training_checkpoint import read_checkpoint
 from elbolab.models import VAE, VQVAE
@@ -56,8 +56,8 @@ def assert_bitwise_equal(a, b):
 @pytest.mark.parametrize(
     "build, options",
     [
-        (vae, {"objective": "elbo", "warmup_epochs": 3}),
-        (vae, {"objective": "iwae-dreg", "num_particles": 3, "clip_grad_norm": 5.0}),
+        (vae, {"objective": "elbo", "warmup": 3}),
+        (vae, {"objective": "iwae-dreg", "particles": 3, "clip_grad_norm": 5.0}),
         (vqvae, {"objective": "elbo"}),
     ],
     ids=["vae-warmup", "vae-dreg-clipped", "vqvae"],
@@ -156,25 +156,28 @@ def test_skipped_steps_change_nothing():
     for fused in (True, False):
         p = torch.nn.Parameter(torch.ones(3))
         optimizer = torch.optim.Adam([p], lr=0.1, fused=fused)
-        take_step = _step_function(optimizer, [p], clip_grad_norm=None)
-        tally = torch.zeros(5, dtype=torch.float64)
+        take_step = step_function(optimizer, [p], clip_grad_norm=None)
+        sums = RunningSums.zeros("cpu")
         p.grad = torch.ones(3)
-        take_step(torch.tensor(2.0), 4, tally)
+        take_step(torch.tensor(2.0), 4, sums)
         before = (p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
         for loss, grad in ((torch.tensor(math.nan), torch.ones(3)), (torch.tensor(1.0), torch.tensor([1.0, math.inf, 0]))):
             p.grad = grad
-            take_step(loss, 4, tally)
+            take_step(loss, 4, sums)
         assert torch.equal(p.detach(), before[0])
         assert all(torch.equal(optimizer.state[p][k], v) for k, v in before[1].items())
-        assert tally.tolist() == [2.0, 4.0, 2.0, 2.0, 2.0]  # loss of finite steps, points, skipped, run, longest
+        # The checkpoint's loop.tally: loss of finite steps, points, skipped, run, longest, in this order.
+        assert sums.tally.tolist() == [2.0, 4.0, 2.0, 2.0, 2.0]
+        named = (sums.loss, sums.points, sums.skipped, sums.bad_run, sums.longest_bad_run)
+        assert [value.item() for value in named] == [2.0, 4.0, 2.0, 2.0, 2.0]
 
 
 def test_gradient_clipping_bounds_the_update():
     p = torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD([p], lr=1.0)
-    take_step = _step_function(optimizer, [p], clip_grad_norm=0.5)
+    take_step = step_function(optimizer, [p], clip_grad_norm=0.5)
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5
-    take_step(torch.tensor(0.0), 1, torch.zeros(5, dtype=torch.float64))
+    take_step(torch.tensor(0.0), 1, RunningSums.zeros("cpu"))
     assert torch.allclose(p.detach(), -torch.tensor([0.3, 0.4, 0.0, 0.0]))
 
 

@@ -16,7 +16,6 @@ from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
 from elbolab.inference import ELBO, get_objective, log_likelihood
 from elbolab.runs import RunConfig, load_run, save_run
-from elbolab.runs.folder import build_run_guide, build_run_model
 from elbolab.inference.fit import FitConfig
 from elbolab.inference.traces import sample_sites
 from elbolab.models import ModelConfig
@@ -37,8 +36,8 @@ def build(case):
     config = RunConfig(DataConfig("digits"), model_config, FitConfig(), GuideConfig(family), x_dim=X_DIM,
                        y_dim=Y_DIM if model_config.name == "cvae" else None)
     pyro.set_rng_seed(0)
-    model = build_run_model(config, X_DIM)
-    return config, model, build_run_guide(config, model)
+    model = config.new_model()
+    return config, model, config.new_guide(model)
 
 
 def batch(case):

@@ -10,6 +10,7 @@ from pyro import poutine
 from elbolab.errors import InputError
 from elbolab.guides import GaussianGuide
 from elbolab.inference import ELBO
+from elbolab.families import checked_model_config
 from elbolab.models import LIKELIHOODS, VAE, Autoencoder, ModelConfig
 
 
@@ -80,11 +81,14 @@ def test_autoencoder_has_no_latents_and_cannot_generate():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"z_dim": 0}, "z_dim"), ({"hidden": ()}, "hidden"), ({"likelihood": "poisson"}, "likelihood"),
-     ({"activation": "sigmoidd"}, "activation"), ({"obs_scale": -1.0}, "obs_scale"), ({"name": "vqvaee"}, "model"), ({"name": "hvae", "z_dims": (8,)}, "two or more"), ({"z_dims": (4, 2)}, "hvae")],
+     ({"activation": "sigmoidd"}, "activation"), ({"obs_scale": -1.0}, "obs_scale"), ({"name": "vqvaee"}, "model"), ({"name": "hvae", "z_dims": (8,)}, "two or more"), ({"z_dims": (4, 2)}, "hvae"),
+     ({"name": "vqvae", "codebook_size": 1}, "at least 2"), ({"name": "hvae", "z_dim": 5}, "not an option of the hvae"),
+     ({"codebook_size": 16}, "options of the vqvae")],
 )
 def test_model_config_is_validated(kwargs, message):
+    """Fields by the config itself, names and family options by the registry."""
     with pytest.raises(InputError, match=message):
-        ModelConfig(**kwargs)
+        checked_model_config(ModelConfig(**kwargs))
 
 
 def test_generation_follows_the_prior():
