@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from elbolab import VAE, GaussianGuide, load_dataset
-from elbolab.inference.fit import make_adam
+from elbolab.inference.step import make_adam
 from elbolab.inference.iwae import IWAE
 
 X_DIM, HIDDEN, Z_DIM, BATCH = 784, (200, 200), 50, 100

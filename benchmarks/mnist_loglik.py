@@ -43,7 +43,7 @@ def main() -> None:
         model.init_output_bias(train.x)
     guide = GaussianGuide(784, 50, hidden=(200, 200), activation="tanh")
     start = time.perf_counter()
-    result = fit(model, guide, train, objective=args.objective, num_particles=args.particles,
+    result = fit(model, guide, train, objective=args.objective, particles=args.particles,
                  epochs=args.epochs, batch_size=100, lr=1e-3, seed=args.seed, device=args.device)
     train_seconds = time.perf_counter() - start
     device = next(model.parameters()).device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = ["Comparison", "compare", "compare_runs", "run_folder_name", "summarize", "to_markdown"]
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,15 @@ from tqdm.auto import tqdm
 from elbolab.analysis.latent import active_units
 from elbolab.data import Dataset
 from elbolab.errors import InputError
-from elbolab.inference import fit, importance_estimate, resolve_device
-from elbolab.inference.objectives import get_objective, parse_objective_spec
 from elbolab.files import read_json, write_json
+from elbolab.inference import FitConfig, fit, importance_estimate, resolve_device
+from elbolab.inference.objectives import get_objective, parse_objective_spec
 from elbolab.inference.training_checkpoint import CHECKPOINT_FILE
 
 RESULT_FILE = "result.json"
+# The FitConfig fields every run of a comparison shares; the others are each run's own.
+SHARED_OPTIONS = ("epochs", "batch_size", "lr", "device", "clip_grad_norm", "max_bad_steps", "max_restorations",
+                  "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -47,25 +51,19 @@ def compare_runs(
     model_factory: Callable[[], Any],
     guide_factory: Callable[[Any], Any],
     data: Dataset | Tensor,
+    config: FitConfig | None = None,
     *,
     objectives: Sequence[str],
     seeds: Sequence[int] = (0,),
     test: Dataset | Tensor,
     valid: Dataset | Tensor | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
     num_samples: int = 5000,
-    device: str = "auto",
     progress: bool | None = None,
     args: Sequence[Tensor] = (),
     valid_args: Sequence[Tensor] = (),
     test_args: Sequence[Tensor] = (),
     folder: str | Path | None = None,
-    checkpoint_every: int = 1,
-    clip_grad_norm: float | None = None,
-    max_bad_steps: int = 10,
-    max_restorations: int = 3,
+    **options: Any,
 ) -> Comparison:
     """Train one model/guide pair under several objectives and seeds; evaluate each on ``test``.
 
@@ -77,8 +75,13 @@ def compare_runs(
         objectives: spec strings, e.g. ``["elbo", "iwae:k=5", "renyi:alpha=0.5:k=5"]``.
         seeds: one run per objective and seed; a seed fixes initialisation, data order and samples.
         test: evaluation data; ``valid``: optional data for per-epoch validation ELBO curves.
-        epochs, batch_size, lr, device, clip_grad_norm, max_bad_steps, max_restorations: as in
-            :func:`~elbolab.inference.fit`.
+        config: the training options every run shares (a :class:`~elbolab.inference.FitConfig`;
+            ``None``: its defaults): ``epochs``, ``batch_size``, ``lr``, ``device``,
+            ``clip_grad_norm``, ``max_bad_steps``, ``max_restorations``, ``checkpoint_every``.
+            Its ``objective``, ``particles``, ``seed``, ``beta`` and ``warmup`` are not used: each
+            run's objective is its spec (with the spec's ``k``, or the objective's own number of
+            particles), its seed one of ``seeds``, at ``beta`` 1 without warm-up.
+        **options: those shared options by name, overriding ``config`` (``epochs=50``).
         num_samples: importance samples for the test log-likelihood.
         progress: a progress bar over runs (``None``: only on a terminal).
         args, valid_args, test_args: further per-data-point tensors for ``data``, ``valid`` and
@@ -100,6 +103,13 @@ def compare_runs(
         >>> table = compare(lambda: VAE(64, 8), lambda model: GaussianGuide(64, 8), train,
         ...                 objectives=["elbo", "iwae:k=5"], seeds=[0, 1], test=test, epochs=50)
     """
+    if unshared := sorted(options.keys() - set(SHARED_OPTIONS)):
+        raise InputError(
+            f"compare_runs takes the shared training options {', '.join(SHARED_OPTIONS)}, not {unshared[0]}: "
+            "each run's objective and particles are its spec's (objectives=['iwae:k=5']), its seed one of seeds="
+        )
+    config = dataclasses.replace(config, **options) if config is not None else FitConfig(**options)
+    shared = {name: getattr(config, name) for name in SHARED_OPTIONS}
     if not objectives:
         raise InputError("compare needs at least one objective")
     if not seeds:
@@ -108,7 +118,7 @@ def compare_runs(
     for _, name, options in parsed:
         get_objective(name, **options)  # refuse bad options before any training
     test_x = test.fixed_binarization(0).x if isinstance(test, Dataset) else test
-    device = resolve_device(device)
+    device = resolve_device(config.device)
     test_x = test_x.to(device)  # once, on the device fit trains on
     test_args = tuple(a.to(device) for a in test_args)
     rows, histories = [], []
@@ -123,12 +133,11 @@ def compare_runs(
             pyro.set_rng_seed(seed)
             model = model_factory()
             guide = guide_factory(model)
-            result = fit(model, guide, data, objective=name, epochs=epochs, batch_size=batch_size, lr=lr,
-                         valid=valid, device=device, seed=seed, progress=False, args=args, valid_args=valid_args,
-                         checkpoint=run_folder / CHECKPOINT_FILE if run_folder is not None else None,
-                         checkpoint_every=checkpoint_every, resume=True, clip_grad_norm=clip_grad_norm,
-                         max_bad_steps=max_bad_steps, max_restorations=max_restorations,
-                         checkpoint_metadata={"objective": spec, "seed": seed}, **options)
+            # Keywords, not the config: without a k in the spec, an objective keeps its own particles (IWAE's 5).
+            result = fit(model, guide, data, objective=spec, seed=seed, **shared | {"device": device},
+                         valid=valid, progress=False, args=args, valid_args=valid_args,
+                         checkpoint=run_folder / CHECKPOINT_FILE if run_folder is not None else None, resume=True,
+                         checkpoint_metadata={"objective": spec, "seed": seed})
             history = result.history
             pyro.set_rng_seed(seed)
             estimate = importance_estimate(model, guide, test_x, *test_args, num_samples=num_samples)

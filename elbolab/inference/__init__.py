@@ -9,9 +9,10 @@ from elbolab.inference.evaluate import (
     log_importance_weights,
     log_likelihood,
 )
-from elbolab.inference.fit import FitConfig, FitResult, TrainingInterrupted, fit, resolve_device
+from elbolab.inference.fit import FitConfig, FitResult, fit, resolve_device
 from elbolab.inference.objectives import OBJECTIVES, get_objective, register_objective
 from elbolab.inference.schedules import kl_warmup
+from elbolab.inference.stopping import TrainingInterrupted
 
 __all__ = [
     "ELBO",

@@ -12,12 +12,31 @@ floating-point sums and the sampling noise (each rank draws its own, from :func:
 
 Rank 0 alone writes run folders and checkpoints; a checkpoint holds every rank's generator
 states, so ``--resume`` continues each rank's noise where it stopped.
+
+The pieces ``fit`` uses: :class:`DataParallelLoss` (the global batch's loss and gradients),
+:func:`epoch_order` (one data order for all ranks), :func:`agree_to_stop` (all ranks stop at the
+same step) and :func:`rank_generators` / :func:`restore_rank_generators` (each rank's noise in
+the checkpoint).
 """
 
 from __future__ import annotations
 
-__all__ = ["ProcessGroup", "environment_rank", "environment_world_size", "join_process_group", "launch", "leave_process_group", "rank_seed"]
+__all__ = [
+    "DataParallelLoss",
+    "ProcessGroup",
+    "agree_to_stop",
+    "environment_rank",
+    "environment_world_size",
+    "epoch_order",
+    "join_process_group",
+    "launch",
+    "leave_process_group",
+    "rank_generators",
+    "rank_seed",
+    "restore_rank_generators",
+]
 
+import copy
 import hashlib
 import logging
 import os
@@ -25,10 +44,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+import pyro
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
+from elbolab.contract import Contract
 from elbolab.errors import InputError
 
 
@@ -193,3 +216,115 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     except SignalException as stopped:
         return 128 + int(stopped.sigval)
     return 0
+
+
+class DataParallelLoss:
+    """The objective of a global batch, computed across ranks with DistributedDataParallel.
+
+    Each rank computes its slice's loss (a sum over its data points) and back-propagates it
+    times the number of ranks, so that DDP's average of the gradients is the gradient of the
+    global batch's sum. Parameters outside any module (``pyro.param`` sites of a plain Pyro
+    function) are not DDP's: their gradients are averaged by one all-reduce of their own.
+    """
+
+    def __init__(self, group: ProcessGroup, contract: Contract, objective: Any, model: Any, guide: Any,
+                 params: list[Tensor], first_batch: tuple[Tensor, ...]) -> None:
+        if contract.global_latents:
+            raise InputError(
+                f"data-parallel training splits the data plate across processes; the model's latent site "
+                f"{contract.global_latents[0]!r} sits outside it (a global latent), whose KL term every rank would count: "
+                "train it in one process"
+            )
+        self.group = group
+        self.wrapper = wrapper = _ObjectiveModule(objective, model, guide)
+        owned = {id(p) for p in wrapper.parameters()}
+        self.loose = [p for p in params if id(p) not in owned]
+        for p in self.loose:  # DDP broadcasts module state from rank 0 when built; these need it too
+            with torch.no_grad():
+                group.broadcast(p.data)
+        self.ddp = None
+        if owned:
+            # DDP's reducer waits for a gradient of every parameter unless told some go unused
+            # (e.g. the decoder of a conditional model's other branch); finding out costs a graph
+            # traversal per step, so it is asked for only when the first batch shows the need.
+            self.ddp = nn.parallel.DistributedDataParallel(
+                wrapper, find_unused_parameters=_has_unused_parameters(wrapper, first_batch)
+            )
+
+    def loss_and_gradients(self, *batch: Tensor) -> Tensor:
+        """Fill every parameter's ``.grad`` with the global batch's gradient; return its loss, the same on every rank."""
+        world = self.group.world_size
+        loss = self.ddp(*batch) if self.ddp is not None else self.wrapper(*batch)
+        (loss * world).backward()
+        if self.loose:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.loose]
+            flat = self.group.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world
+            for p, averaged in zip(self.loose, flat.split([p.numel() for p in self.loose]), strict=True):
+                p.grad = averaged.view_as(p)
+        return self.group.all_reduce_sum(loss.detach().clone())
+
+
+class _ObjectiveModule(nn.Module):
+    """``objective(model, guide, batch)`` as a module's forward, so that DDP can wrap it."""
+
+    def __init__(self, objective: Any, model: Any, guide: Any) -> None:
+        super().__init__()
+        self.objective, self.model, self.guide = objective, model, guide
+
+    def forward(self, *batch: Tensor) -> Tensor:
+        return self.objective.differentiable_loss(self.model, self.guide, *batch)
+
+
+def _has_unused_parameters(module: nn.Module, batch: tuple[Tensor, ...]) -> bool:
+    params = [p for p in module.parameters() if p.requires_grad]
+    state = copy.deepcopy(module.state_dict())  # a trial run must not move e.g. a VQ codebook's averages
+    with torch.random.fork_rng(devices=[p.device for p in params if p.is_cuda][:1]):
+        grads = torch.autograd.grad(module(*batch), params, allow_unused=True)
+    module.load_state_dict(state)
+    return any(g is None for g in grads)
+
+
+def epoch_order(num_points: int, device: torch.device, group: ProcessGroup | None) -> Tensor:
+    """The epoch's random order of the data points: rank 0's on every rank."""
+    if group is None:
+        return torch.randperm(num_points, device=device)
+    order = torch.randperm(num_points, device=device) if group.rank == 0 else torch.empty(num_points, dtype=torch.long, device=device)
+    return group.broadcast(order)
+
+
+def agree_to_stop(group: ProcessGroup | None, requested: bool, step: int, first_of_epoch: bool, every: int) -> bool:
+    """Whether training stops before this step: a stop ``requested`` here, or on any rank.
+
+    Every rank must stop at the same step, and agreeing costs a host sync, so the ranks agree
+    only every ``every`` steps (where the divergence check syncs anyway) and at an epoch's first
+    step; torchrun gives workers 30 s after forwarding a signal.
+    """
+    if group is None:
+        return requested
+    if not first_of_epoch and step % every:
+        return False
+    return group.any(requested)
+
+
+def rank_generators(group: ProcessGroup) -> dict[str, Tensor]:
+    """Every rank's torch generator states (CPU, and its GPU's), gathered for rank 0's checkpoint (a collective)."""
+    states = {f"rank.{r}.torch": state for r, state in enumerate(group.gather(torch.get_rng_state()))}
+    if group.device.type == "cuda":
+        cuda = group.gather(torch.cuda.get_rng_state(group.device))
+        states |= {f"rank.{r}.cuda": state for r, state in enumerate(cuda)}
+    return states
+
+
+def restore_rank_generators(group: ProcessGroup, loop: dict[str, Tensor], seed: int, step: int) -> None:
+    """Put this rank's generators back as the checkpoint recorded them.
+
+    A checkpoint written with fewer processes has no state for this rank: it then starts a
+    stream of its own from its seed and the step.
+    """
+    saved = loop.get(f"rank.{group.rank}.torch")
+    if saved is None:
+        pyro.set_rng_seed((rank_seed(seed, group.rank) + step) % 2**32)
+        return
+    torch.set_rng_state(saved.cpu())
+    if group.device.type == "cuda" and f"rank.{group.rank}.cuda" in loop:
+        torch.cuda.set_rng_state(loop[f"rank.{group.rank}.cuda"].cpu(), group.device)

@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "CHECKPOINT_FILE",
     "Progress",
+    "RunCheckpoint",
     "load_module_state",
     "read_checkpoint",
     "restore_checkpoint",
@@ -43,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from elbolab.errors import InputError
-from elbolab.files import load_tensors, save_tensors
+from elbolab.files import load_tensors, remove_stale_temporaries, save_tensors
+from elbolab.inference.distributed import ProcessGroup, rank_generators, restore_rank_generators
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -215,6 +217,59 @@ def restore_checkpoint(
     restore_rng_state(tensors, training["rng"])
     loop = {name.removeprefix("loop."): value for name, value in tensors.items() if name.startswith("loop.")}
     return Progress(**training["progress"]), loop
+
+
+@dataclass
+class RunCheckpoint:
+    """The checkpoint file of one training run, bound to the state it saves and restores.
+
+    Under data parallelism every rank takes part in :meth:`save` (the ranks' generator states
+    are gathered), and rank 0 alone writes the file.
+
+    Attributes:
+        path: the file (``None``: the run writes no checkpoint).
+        model, guide, optimizer, params: what :func:`save_checkpoint` saves.
+        options: the options of ``fit`` that must not change on resume.
+        metadata: JSON-serializable data stored with them.
+        group: the data-parallel process group, or ``None``.
+    """
+
+    path: Path | None
+    model: Any
+    guide: Any
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]
+    options: dict[str, Any]
+    metadata: dict[str, Any]
+    group: ProcessGroup | None = None
+
+    def start(self, resume: bool, epochs: int, seed: int) -> tuple[Progress, dict[str, Tensor]]:
+        """Where training starts: the checkpoint's progress and ``loop.*`` tensors when resuming one, else nothing done.
+
+        Temporary files of a write that a killed process left are removed first.
+        """
+        if self.path is None:
+            return Progress(), {}
+        if self.group is None or self.group.rank == 0:
+            remove_stale_temporaries(self.path)
+        if not (resume and self.path.exists()):
+            return Progress(), {}
+        progress, loop = restore_checkpoint(self.path, model=self.model, guide=self.guide, optimizer=self.optimizer,
+                                            params=self.params, options=self.options)
+        if progress.epoch > epochs:
+            raise InputError(f"{self.path}: the run has already trained {progress.epoch} epochs, more than epochs={epochs}")
+        if self.group is not None:
+            restore_rank_generators(self.group, loop, seed, progress.step)
+        return progress, loop
+
+    def save(self, progress: Progress, order: Tensor | None, tally: Tensor) -> None:
+        """Write the state; mid-epoch (``order`` set) also the epoch's data order and running sums."""
+        loop = {"order": order, "tally": tally} if order is not None else {}
+        if self.group is not None:
+            loop |= rank_generators(self.group)  # a collective: every rank takes part, rank 0 writes
+        if self.group is None or self.group.rank == 0:
+            save_checkpoint(self.path, model=self.model, guide=self.guide, optimizer=self.optimizer, params=self.params,
+                            progress=progress, loop=loop, options=self.options, metadata=self.metadata)
 
 
 def _index_after_prefix(name: str) -> int:

@@ -94,7 +94,7 @@ def test_every_objective_trains_every_parameter_and_the_guide_round_trips(flow, 
     x = digits.x[:64]
     guide_trace = poutine.trace(guide).get_trace(x)
     assert {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"} - {"data"} == {"z"}
-    fit(model, guide, x, objective="iwae", num_particles=3, epochs=3, batch_size=32, progress=False)
+    fit(model, guide, x, objective="iwae", particles=3, epochs=3, batch_size=32, progress=False)
     get_objective("iwae", num_particles=3).differentiable_loss(model, guide, x).backward()
     for name, param in guide.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name

@@ -57,7 +57,7 @@ def test_mixture_guide_is_no_worse_than_a_diagonal_gaussian_on_a_correlated_post
                         ("mixture", MixtureGuide(x.shape[1], z_dim, components=3, hidden=(32,)))):
         pyro.set_rng_seed(0)
         # Eight particles per point: a mixture's ELBO gradient is noisier than a Gaussian's.
-        fit(model, guide, x, epochs=100, batch_size=200, lr=3e-3, num_particles=8, progress=False)
+        fit(model, guide, x, epochs=100, batch_size=200, lr=3e-3, particles=8, progress=False)
         pyro.set_rng_seed(1)
         elbos[name] = -get_objective("elbo", num_particles=50).loss(model, guide, x) / x.shape[0]
     # The family holds the Gaussian, but two 100-epoch fits differ by their gradient noise: about

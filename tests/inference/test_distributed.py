@@ -21,7 +21,7 @@ from elbolab.contract import pair_contract
 from elbolab.errors import InputError
 from elbolab.runs import load_run
 from elbolab.inference.distributed import ProcessGroup, rank_seed
-from elbolab.inference.fit import _DataParallelLoss
+from elbolab.inference.distributed import DataParallelLoss
 from elbolab.inference.objectives import get_objective
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -126,7 +126,7 @@ def test_a_model_with_a_global_latent_is_refused(single_process_group: ProcessGr
 
     batch = (torch.zeros(4, 3),)
     with pytest.raises(InputError, match="'shift' sits outside it"):
-        _DataParallelLoss(single_process_group, pair_contract(model, guide, batch), get_objective("elbo"), model, guide, [], batch)
+        DataParallelLoss(single_process_group, pair_contract(model, guide, batch), get_objective("elbo"), model, guide, [], batch)
 
 
 def test_cli_nproc_writes_one_run_folder_that_loads_and_resumes(tmp_path: Path) -> None:

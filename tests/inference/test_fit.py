@@ -1,4 +1,4 @@
-"""The training loop: reproducibility, isolation, warm-up, and refusals."""
+"""The training loop: reproducibility, isolation, warm-up, options, and refusals."""
 
 import math
 
@@ -10,7 +10,8 @@ import torch
 from elbolab.data import load_dataset
 from elbolab.errors import InputError
 from elbolab.guides import GaussianGuide
-from elbolab.inference import fit, kl_warmup
+from elbolab.inference import ELBO, FitConfig, fit, kl_warmup
+from elbolab.inference.training_checkpoint import read_checkpoint
 from elbolab.models import VAE, Autoencoder
 
 
@@ -62,7 +63,7 @@ def test_kl_warmup_schedule():
 
 def test_fit_applies_beta_and_warmup(digits):
     model, guide = small_vae()
-    history = fit(model, guide, digits, epochs=4, warmup_epochs=2, beta=0.5, progress=False).history
+    history = fit(model, guide, digits, epochs=4, warmup=2, beta=0.5, progress=False).history
     steps_per_epoch = math.ceil(digits.num_points / 128)
     # beta is recorded as it stood at the last step of each epoch.
     expected = [kl_warmup(e * steps_per_epoch - 1, 2 * steps_per_epoch, 0.5) for e in (1, 2, 3, 4)]
@@ -117,3 +118,63 @@ def test_bad_inputs_are_refused(digits):
         fit(model, guide, digits, valid=torch.zeros(5, 10), epochs=1, progress=False)
     with pytest.raises(InputError, match="device"):
         fit(model, guide, digits, epochs=1, device="tpu", progress=False)
+
+
+def test_a_config_and_keywords_of_the_same_names_train_alike(digits):
+    config = FitConfig(epochs=2, batch_size=200, lr=3e-3, warmup=1, seed=4)
+    weights = []
+    for call in (lambda m, g: fit(m, g, digits, config, progress=False),
+                 lambda m, g: fit(m, g, digits, epochs=2, batch_size=200, lr=3e-3, warmup=1, seed=4, progress=False),
+                 lambda m, g: fit(m, g, digits, FitConfig(epochs=2, lr=1.0), batch_size=200, lr=3e-3, warmup=1, seed=4,
+                                  progress=False)):
+        model, guide = small_vae()
+        assert len(call(model, guide).history) == 2
+        weights.append(model.state_dict())
+    for other in weights[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), other.values(), strict=True))
+    assert config.lr == 3e-3  # the caller's config is left as it was
+
+
+def test_the_old_keyword_names_are_refused_by_their_new_ones(digits):
+    model, guide = small_vae()
+    with pytest.raises(InputError, match="particles=, not num_particles="):
+        fit(model, guide, digits, epochs=1, num_particles=2, progress=False)
+    with pytest.raises(InputError, match="warmup=, not warmup_epochs="):
+        fit(model, guide, digits, epochs=1, warmup_epochs=2, progress=False)
+
+
+@pytest.mark.parametrize(
+    "config, keywords, name, expected",
+    [
+        (None, {"objective": "iwae"}, "iwae", {}),  # the objective's own particles (IWAE's 5), as before
+        (None, {"objective": "iwae", "particles": 3}, "iwae", {"num_particles": 3}),
+        (FitConfig(objective="iwae"), {}, "iwae", {"num_particles": 1}),  # a config states particles, as the CLI's
+        (FitConfig(objective="iwae:k=4", particles=2), {}, "iwae", {"num_particles": 4}),  # the spec's k wins
+        (None, {"objective": "renyi:alpha=0.3", "particles": 2}, "renyi", {"alpha": 0.3, "num_particles": 2}),
+        (None, {"objective": "renyi", "alpha": 0.3}, "renyi", {"alpha": 0.3}),
+        (FitConfig(objective="elbo", warmup=1), {}, "elbo", {"num_particles": 1}),
+    ],
+)
+def test_the_objective_spec_and_particles_give_the_options_a_checkpoint_records(digits, tmp_path, config, keywords,
+                                                                                  name, expected):
+    model, guide = small_vae()
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    result = fit(model, guide, digits, config, epochs=1, progress=False, checkpoint=checkpoint, **keywords)
+    options = read_checkpoint(checkpoint)[1]["options"]
+    assert (options["objective"], options["objective_options"]) == (name, expected)
+    assert result.objective.num_particles == expected.get("num_particles", 1 if name == "elbo" else 5)
+    # The keys fit has always written: checkpoints of older runs resume.
+    assert list(options) == ["objective", "objective_options", "batch_size", "lr", "beta", "warmup_epochs", "seed",
+                             "clip_grad_norm", "max_bad_steps", "max_restorations", "data_shape", "dynamic_binarization"]
+    assert options["warmup_epochs"] == (config.warmup if config is not None else 0)
+
+
+def test_an_objective_instance_takes_no_objective_options(digits):
+    model, guide = small_vae()
+    result = fit(model, guide, digits, epochs=1, objective=ELBO(num_particles=2), progress=False)
+    assert result.objective.num_particles == 2
+    for options in ({"alpha": 0.5}, {"particles": 2}):
+        with pytest.raises(InputError, match="objective given by name, not an instance"):
+            fit(model, guide, digits, epochs=1, objective=ELBO(), progress=False, **options)
+    with pytest.raises(InputError, match="alpha is given both in the spec"):
+        fit(model, guide, digits, epochs=1, objective="renyi:alpha=0.5", alpha=0.3, progress=False)

@@ -202,7 +202,7 @@ def test_training_counts_a_global_kl_once_per_pass_over_the_data():
         x = model(batch_size=200)
     pyro.set_rng_seed(0)
     guide = AutoAmortizedGuide(model, x[:8], hidden=(32,))
-    result = fit(model, guide, x, epochs=80, batch_size=20, lr=5e-3, num_particles=4, progress=False)
+    result = fit(model, guide, x, epochs=80, batch_size=20, lr=5e-3, particles=4, progress=False)
     with torch.no_grad():
         draws = torch.stack([pyro.poutine.trace(guide).get_trace(x[:2]).nodes["b"]["value"] for _ in range(4000)])
     _, exact_cov = model.offset_posterior(x)
