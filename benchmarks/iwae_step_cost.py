@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from elbolab import VAE, GaussianGuide, load_dataset
-from elbolab.inference.step import make_adam
 from elbolab.inference.iwae import IWAE
+from elbolab.inference.step import make_adam
 
 X_DIM, HIDDEN, Z_DIM, BATCH = 784, (200, 200), 50, 100
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

@@ -19,10 +19,9 @@ from safetensors.torch import load_file
 from elbolab.cli import main
 from elbolab.contract import pair_contract
 from elbolab.errors import InputError
-from elbolab.runs import load_run
-from elbolab.inference.distributed import ProcessGroup, rank_seed
-from elbolab.inference.distributed import DataParallelLoss
+from elbolab.inference.distributed import DataParallelLoss, ProcessGroup, rank_seed
 from elbolab.inference.objectives import get_objective
+from elbolab.runs import load_run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_fit import run

@@ -11,11 +11,11 @@ from safetensors.torch import save_file
 
 from elbolab.data import load_dataset
 from elbolab.errors import InputError
-from elbolab.guides import GaussianGuide, GuideConfig
 from elbolab.families import build_model_guide
+from elbolab.files import FORMAT_VERSION, load_tensors
+from elbolab.guides import GaussianGuide, GuideConfig
 from elbolab.inference import TrainingInterrupted, fit
 from elbolab.inference.step import RunningSums, step_function
-from elbolab.files import FORMAT_VERSION, load_tensors
 from elbolab.inference.training_checkpoint import read_checkpoint
 from elbolab.models import VAE, VQVAE
 
