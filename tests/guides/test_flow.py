@@ -28,7 +28,7 @@ def perturbed(guide: FlowGuide, std: float = 0.3) -> FlowGuide:
 
 def flow_and_base(flow: str, seed: int = 0):
     torch.manual_seed(seed)
-    guide = perturbed(FlowGuide(6, 3, flow=flow, depth=3, hidden=(8,))).double()
+    guide = perturbed(FlowGuide(6, 3, flow=flow, flow_depth=3, hidden=(8,))).double()
     x = torch.rand(1, 6, dtype=torch.float64)
     q = guide.distribution(x)
     return guide, x, q
@@ -75,7 +75,7 @@ def test_invertible_flows_invert_and_evaluate_unseen_points(flow):
 @pytest.mark.parametrize("flow", FLOWS)
 def test_flows_start_at_or_near_the_identity(flow):
     torch.manual_seed(0)
-    guide = FlowGuide(6, 3, flow=flow, depth=4, hidden=(8,))
+    guide = FlowGuide(6, 3, flow=flow, flow_depth=4, hidden=(8,))
     x = torch.rand(20, 6)
     q = guide.distribution(x)
     z0 = q.base_dist.sample()
@@ -90,7 +90,7 @@ def test_flows_start_at_or_near_the_identity(flow):
 def test_every_objective_trains_every_parameter_and_the_guide_round_trips(flow, tmp_path):
     digits = load_dataset("digits", binarize="threshold")
     pyro.set_rng_seed(0)
-    model, guide = VAE(64, 4, hidden=(32,)), FlowGuide(64, 4, flow=flow, depth=2, hidden=(32,))
+    model, guide = VAE(64, 4, hidden=(32,)), FlowGuide(64, 4, flow=flow, flow_depth=2, hidden=(32,))
     x = digits.x[:64]
     guide_trace = poutine.trace(guide).get_trace(x)
     assert {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"} - {"data"} == {"z"}
@@ -100,7 +100,7 @@ def test_every_objective_trains_every_parameter_and_the_guide_round_trips(flow, 
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert torch.isfinite(log_likelihood(model, guide, x[:8], num_samples=50)).all()
     save_file(guide.state_dict(), tmp_path / "guide.safetensors")
-    loaded = FlowGuide(64, 4, flow=flow, depth=2, hidden=(32,))
+    loaded = FlowGuide(64, 4, flow=flow, flow_depth=2, hidden=(32,))
     loaded.load_state_dict(load_file(tmp_path / "guide.safetensors"))
     draws = []
     for g in (guide, loaded):  # the same noise through both: same samples, same densities
@@ -122,7 +122,7 @@ def test_a_flow_closes_half_the_gap_of_a_diagonal_gaussian_on_a_correlated_poste
     model, x = data.truth, data.x[:2000]
     elbos = {}
     for name, guide in (("gaussian", GaussianGuide(x.shape[1], model.z_dim, hidden=(32,))),
-                        ("flow", FlowGuide(x.shape[1], model.z_dim, flow="iaf", depth=2, hidden=(32,)))):
+                        ("flow", FlowGuide(x.shape[1], model.z_dim, flow="iaf", flow_depth=2, hidden=(32,)))):
         pyro.set_rng_seed(0)
         fit(model, guide, x, epochs=60, batch_size=200, lr=3e-3, progress=False)
         pyro.set_rng_seed(1)
@@ -136,6 +136,6 @@ def test_refusals():
     with pytest.raises(InputError, match="unknown flow 'iaff'.*iaf"):
         FlowGuide(6, 3, flow="iaff")
     with pytest.raises(InputError, match="depth"):
-        FlowGuide(6, 3, depth=0)
+        FlowGuide(6, 3, flow_depth=0)
     with pytest.raises(InputError, match="z_dim"):
         FlowGuide(6, 1, flow="iaf")
