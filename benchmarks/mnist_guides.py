@@ -36,7 +36,7 @@ from elbolab import (
 GUIDES = {
     "gaussian": lambda: GaussianGuide(784, 50, hidden=(200, 200), activation="tanh"),
     "mixture (5 components)": lambda: MixtureGuide(784, 50, components=5, hidden=(200, 200), activation="tanh"),
-    "flow (IAF, depth 4)": lambda: FlowGuide(784, 50, flow="iaf", depth=4, hidden=(200, 200), activation="tanh"),
+    "flow (IAF, depth 4)": lambda: FlowGuide(784, 50, flow="iaf", flow_depth=4, hidden=(200, 200), activation="tanh"),
 }
 
 
