@@ -10,7 +10,7 @@ import pyro
 import torch
 from torch import Tensor
 
-from elbolab.families.family import COMMON_FIELDS, Family, Metrics
+from elbolab.families.family import ONE_LATENT_FIELDS, Family, Metrics
 from elbolab.guides import GuideConfig
 from elbolab.inference.objectives import Reconstruction
 from elbolab.models import Autoencoder, ModelConfig
@@ -38,7 +38,7 @@ FAMILY = Family(
     summary="deterministic autoencoder (no latent variables; for contrast)",
     model_class=Autoencoder,
     build=build,
-    fields=(*COMMON_FIELDS, "z_dim"),
+    fields=ONE_LATENT_FIELDS,
     guides=("none",),
     build_guide=no_guide,
     objectives=("reconstruction",),

@@ -7,8 +7,9 @@ __all__ = ["FAMILY"]
 import torch
 
 from elbolab.errors import InputError
-from elbolab.families.family import COMMON_FIELDS, Family, Samples
+from elbolab.families.family import ONE_LATENT_FIELDS, Family, Samples
 from elbolab.guides import ConditionalGuide, GuideConfig, build_guide
+from elbolab.guides.config import SINGLE_SITE
 from elbolab.models import ConditionalVAE, ModelConfig
 
 
@@ -42,8 +43,8 @@ FAMILY = Family(
     summary="conditional VAE on the data set's class labels: x ~ p(x|z,y)",
     model_class=ConditionalVAE,
     build=build,
-    fields=(*COMMON_FIELDS, "z_dim"),
-    guides=("gaussian", "mixture", "flow"),
+    fields=ONE_LATENT_FIELDS,
+    guides=SINGLE_SITE,  # any single-site family: the one latent is z
     build_guide=build_cvae_guide,
     conditioned_on_labels=True,
     sample=class_samples,

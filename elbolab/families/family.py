@@ -12,7 +12,7 @@ registry (see docs/architecture.md).
 
 from __future__ import annotations
 
-__all__ = ["COMMON_FIELDS", "Family", "Metrics", "Samples", "importance_metrics", "prior_samples"]
+__all__ = ["COMMON_FIELDS", "ONE_LATENT_FIELDS", "Family", "Metrics", "Samples", "importance_metrics", "prior_samples"]
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,6 +30,8 @@ from elbolab.models import ModelConfig
 
 # The [model] options every family reads; a family adds its own (see Family.fields).
 COMMON_FIELDS = ("name", "hidden", "likelihood", "activation", "obs_scale")
+# ... and those of a model with one latent (or code) vector of width z_dim.
+ONE_LATENT_FIELDS = (*COMMON_FIELDS, "z_dim")
 
 # (metrics of the split, named without the split; metrics of the run, e.g. the number of samples)
 Metrics = tuple[dict[str, float], dict[str, Any]]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 __all__ = ["FAMILY"]
 
-from elbolab.families.family import COMMON_FIELDS, Family
+from elbolab.families.family import ONE_LATENT_FIELDS, Family
 from elbolab.guides import GuideConfig, build_guide
+from elbolab.guides.config import SINGLE_SITE
 from elbolab.models import VAE, ModelConfig
 
 
@@ -24,7 +25,7 @@ FAMILY = Family(
     summary="variational autoencoder: z ~ N(0, I), x ~ p(x|z)",
     model_class=VAE,
     build=build,
-    fields=(*COMMON_FIELDS, "z_dim"),
-    guides=("gaussian", "mixture", "flow"),
+    fields=ONE_LATENT_FIELDS,
+    guides=SINGLE_SITE,  # any single-site family: the one latent is z
     build_guide=build_vae_guide,
 )

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from elbolab.errors import InputError
-from elbolab.families.family import COMMON_FIELDS, Family, Metrics, Samples
+from elbolab.families.family import ONE_LATENT_FIELDS, Family, Metrics, Samples
 from elbolab.guides import GuideConfig, NearestCodeGuide
 from elbolab.inference import importance_estimate
 from elbolab.models import VQVAE, ModelConfig
@@ -68,7 +68,7 @@ FAMILY = Family(
     summary="vector-quantized VAE: --num-codes codes per point from a codebook of --codebook-size vectors",
     model_class=VQVAE,
     build=build,
-    fields=(*COMMON_FIELDS, "z_dim", "codebook_size", "num_codes", "commitment"),
+    fields=(*ONE_LATENT_FIELDS, "codebook_size", "num_codes", "commitment"),
     guides=("nearest-code",),
     build_guide=nearest_code_guide,
     objectives=("elbo",),

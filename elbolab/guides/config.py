@@ -21,7 +21,7 @@ from elbolab.guides.mixture import MixtureGuide
 
 # family name -> guide class; every class takes (x_dim, z_dim, hidden=..., activation=..., **its options)
 GUIDE_CLASSES: dict[str, type[nn.Module]] = {"gaussian": GaussianGuide, "mixture": MixtureGuide, "flow": FlowGuide}
-SINGLE_SITE = tuple(GUIDE_CLASSES)
+SINGLE_SITE = tuple(GUIDE_CLASSES)  # families for a model with one latent site
 # Every guide family a built-in model takes; which model takes which is the registry's
 # (elbolab.families). "none" is the autoencoder's: it has no latents.
 GUIDE_FAMILIES = (*SINGLE_SITE, "bottom-up", "ladder", "nearest-code", "none")
