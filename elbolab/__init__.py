@@ -1,7 +1,5 @@
 """elbolab: latent-variable generative models in Pyro -- VAEs, ELBO objectives, log p(x), diagnostics."""
 
-from elbolab.version import __version__
-
 from elbolab.data import DataConfig, Dataset, load_dataset
 from elbolab.errors import InputError
 from elbolab.guides import (
@@ -22,7 +20,6 @@ from elbolab.inference import (
     importance_estimate,
     log_likelihood,
 )
-from elbolab.runs import Run, RunConfig, load_run, save_run
 from elbolab.models import (
     VAE,
     VQVAE,
@@ -33,6 +30,8 @@ from elbolab.models import (
     LatentModel,
     ModelConfig,
 )
+from elbolab.runs import Run, RunConfig, load_run, save_run
+from elbolab.version import __version__
 
 __all__ = [
     "ELBO",
@@ -55,8 +54,8 @@ __all__ = [
     "LatentModel",
     "MixtureGuide",
     "ModelConfig",
-    "Run",
     "NearestCodeGuide",
+    "Run",
     "RunConfig",
     "__version__",
     "fit",

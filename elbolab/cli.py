@@ -241,7 +241,7 @@ def _resumed_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[str],
         specs, seeds, num_samples = raw.pop("objectives"), raw.pop("seeds"), raw.pop("num_samples")
     except KeyError as missing:
         raise InputError(f"{args.resume / CONFIG_FILE}: not a comparison's config ({missing} is missing)") from None
-    config = _with_resume_flags(RunConfig.from_dict(raw, source=str(args.resume / CONFIG_FILE)), args)
+    config = _with_resume_flags(RunConfig.from_dict(raw, source=str(args.resume / CONFIG_FILE), written=True), args)
     return config, list(specs), list(seeds), int(num_samples)
 
 
@@ -250,7 +250,7 @@ def _compare(args: argparse.Namespace) -> None:
     if resuming:
         config, specs, seeds, num_samples = _resumed_comparison(args)
     else:
-        config = run_config(args)
+        config = run_config(args, comparing=True)
         if not args.objectives:
             raise InputError("compare needs --objectives, e.g. --objectives elbo,iwae:k=5 (or --resume OUT)")
         specs = [spec for spec in args.objectives.split(",") if spec.strip()]

@@ -17,10 +17,10 @@ from typing import Any
 
 from elbolab.data import DATASETS
 from elbolab.errors import InputError
-from elbolab.families import FAMILIES
-from elbolab.guides import FLOWS, GUIDE_FAMILIES
+from elbolab.families import FAMILIES, GUIDE_FAMILIES, get_family
+from elbolab.guides import FLOWS
 from elbolab.inference.objectives import OBJECTIVES
-from elbolab.models import LIKELIHOODS
+from elbolab.models import LIKELIHOODS, ModelConfig
 from elbolab.nn import ACTIVATIONS
 from elbolab.runs import RunConfig
 from elbolab.version import __version__
@@ -304,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
+def run_config(args: argparse.Namespace, *, comparing: bool = False) -> RunConfig:
+    """The run's config: the TOML file of ``--config``, overridden by the flags given.
+
+    ``comparing``: for ``compare``, whose objectives come from ``--objectives``, a model family that
+    trains under one objective only is refused first, before its config is checked.
+    """
     raw: dict[str, dict[str, Any]] = {}
     if args.config is not None:
         try:
@@ -322,6 +327,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             if not isinstance(table, dict):
                 raise InputError(f"{args.config}: [{section}] must be a table of options")
             table[name] = value
+    model = raw.get("model", {})
+    if comparing and isinstance(model, dict):
+        get_family(model.get("name", ModelConfig().name)).check_comparable()
     return RunConfig.from_dict(raw, source=str(args.config) if args.config else "options")
 
 

@@ -54,12 +54,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     choose a format from the file name's extension must be told the format of ``path``.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # /dev/stdout, a named pipe: nothing to rename over
+        yield path
+        return
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         _fsync_file(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename; a new file gets the umask's mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -157,6 +161,13 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

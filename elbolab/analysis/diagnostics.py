@@ -62,7 +62,7 @@ from elbolab.contract import DataPlateScale, check_traced_rows
 from elbolab.errors import InputError
 from elbolab.files import atomic_path
 from elbolab.inference import log_importance_weights
-from elbolab.inference.evaluate import Chunk, evaluation_inputs, over_chunks
+from elbolab.inference.evaluate import Chunk, chunk_elements, evaluation_inputs, over_chunks
 from elbolab.inference.traces import (
     PARTICLE_PLATE,
     data_plate_dim,
@@ -251,8 +251,12 @@ def to_inference_data(
         part["sample_stats"] = {"log_weight": w.cpu().numpy()}
         return part
 
+    # One number of points per chunk for the posterior and the prior draws, sized by the larger
+    # of the two, so that a seed gives the same draws whether or not prior draws are asked for.
+    points_per_chunk = max(1, chunk_elements(x.device) // (max(int(num_samples), int(prior_samples)) * max(1, math.prod(x.shape[1:]))))
     with pyro.validation_enabled(False):
-        parts = [part for _, part in over_chunks(draws, x, args, int(num_samples), split_samples=False)]
+        parts = [part for _, part in over_chunks(draws, x, args, int(num_samples), batch_size=points_per_chunk,
+                                                 split_samples=False)]
     posterior = _joined([p["posterior"] for p in parts], axis=1, chain=True)
     x_rep = _joined([p["replicated"] for p in parts], axis=1, chain=True)  # [1, S, N, ...]
     x_obs = _joined([p["observed"] for p in parts], axis=0)
@@ -298,7 +302,7 @@ def to_inference_data(
     if labels is not None:
         groups["constant_data"] = dataset({"label": labels.detach().cpu().numpy()}, sampled=False)
     if prior_samples:
-        prior, prior_x = _prior_draws(model, x, int(prior_samples), nesting, contract, shapes)
+        prior, prior_x = _prior_draws(model, x, int(prior_samples), nesting, contract, shapes, points_per_chunk)
         groups["prior"] = dataset(prior)
         groups["prior_predictive"] = dataset(with_statistics(prior_x))
     return arviz.InferenceData(**groups)
@@ -321,7 +325,7 @@ def _joined(parts: list[dict[str, np.ndarray]], axis: int, chain: bool = False) 
 
 
 def _prior_draws(
-    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, contract: Any, shapes: dict
+    model: Callable[..., Any], x: Tensor, draws: int, nesting: int, contract: Any, shapes: dict, points_per_chunk: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``draws`` runs of the model with ``x=None``, N points each: latents and generated observations, ``[1, draws, N, ...]``."""
 
@@ -346,7 +350,7 @@ def _prior_draws(
         generated = {name: _numpy(tracer.trace.nodes[name]["value"], draws, n, shapes[name]) for name in contract.observed}
         return latents, generated
 
-    parts = [part for _, part in over_chunks(prior, x, (), draws, split_samples=False)]
+    parts = [part for _, part in over_chunks(prior, x, (), draws, batch_size=points_per_chunk, split_samples=False)]
     return _joined([p[0] for p in parts], axis=1, chain=True), _joined([p[1] for p in parts], axis=1, chain=True)
 
 

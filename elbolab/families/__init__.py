@@ -11,7 +11,7 @@ Layer: above :mod:`elbolab.inference` (a family's evaluation runs its estimators
 
 from __future__ import annotations
 
-__all__ = ["FAMILIES", "Family", "build_model", "build_model_guide", "checked_model_config", "family_of",
+__all__ = ["FAMILIES", "GUIDE_FAMILIES", "Family", "build_model", "build_model_guide", "checked_model_config", "family_of",
            "get_family"]
 
 from dataclasses import fields
@@ -27,6 +27,8 @@ from elbolab.models import ModelConfig
 FAMILIES: dict[str, Family] = {
     family.name: family for family in (vae.FAMILY, cvae.FAMILY, hvae.FAMILY, vqvae.FAMILY, autoencoder.FAMILY)
 }
+# Every guide family some model takes ("none": a model without latents takes no guide).
+GUIDE_FAMILIES = tuple(dict.fromkeys(guide for family in FAMILIES.values() for guide in family.guides))
 
 
 def get_family(name: str) -> Family:

@@ -26,7 +26,7 @@ from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.guides import GuideConfig
 from elbolab.inference import importance_estimate
-from elbolab.models import ModelConfig
+from elbolab.models import ModelConfig, as_condition
 
 # The [model] options every family reads; a family adds its own (see Family.fields).
 COMMON_FIELDS = ("name", "hidden", "likelihood", "activation", "obs_scale")
@@ -72,7 +72,7 @@ class Family:
         guides: the guide families it takes (``GuideConfig.family``), its default first.
         build_guide: ``build_guide(guide_config, model)`` -> its guide (``None`` for no latents).
         objectives: the objectives it trains under, or ``None`` for every objective of an ELBO.
-        objective_reason: why it takes only ``objectives``: the start of the refusal's sentence.
+        objective_refusal: why it takes only ``objectives``, and which to use: the refusal of another.
         conditioned_on_labels: whether the model takes one-hot class labels after ``x``.
         evaluate: ``evaluate(model, guide, x, conditions, num_samples=, progress=)`` -> :data:`Metrics`.
         sample: ``sample(model, n, label, num_classes)`` -> :data:`Samples`, or ``None`` when it cannot generate.
@@ -88,7 +88,7 @@ class Family:
     guides: tuple[str, ...]
     build_guide: Callable[[GuideConfig, nn.Module], nn.Module | None]
     objectives: tuple[str, ...] | None = None
-    objective_reason: str = ""
+    objective_refusal: str = ""
     conditioned_on_labels: bool = False
     evaluate: Callable[..., Metrics] = importance_metrics
     sample: Callable[[Any, int, int | None, int | None], Samples] | None = prior_samples
@@ -99,6 +99,8 @@ class Family:
         """The guide family to use: the default when ``guide`` is ``None``; one it does not take is refused."""
         if guide is None:
             return self.guides[0]
+        if self.guides == ("none",) and guide != "none":
+            raise InputError(f"the {self.name} has no latent variables and takes no guide; leave out {guide!r}")
         if guide not in self.guides:
             raise InputError(f"the {self.name} model takes the guides {', '.join(self.guides)}, not {guide!r}")
         return guide
@@ -111,12 +113,13 @@ class Family:
                 "bound on log p(x): choose an objective of its ELBO"
             )
         if self.objectives is not None and objective not in self.objectives:
-            raise InputError(f"{self.objective_reason}: use --objective {self.objectives[0]}")
+            raise InputError(self.objective_refusal)
 
     def check_comparable(self) -> None:
         """Refuse ``elbolab compare`` for a family that trains under one objective only."""
         if self.objectives is not None and len(self.objectives) == 1:
-            raise InputError(f"{self.objective_reason}: there are no objectives to compare; use another --model")
+            raise InputError(f"the {self.name} has no objectives to compare: it trains under {self.objectives[0]} "
+                             "alone; use another --model")
 
     def new_guide(self, config: GuideConfig, model: nn.Module) -> nn.Module | None:
         """The guide of ``config``'s family (the default when unset) for ``model``."""
@@ -132,8 +135,6 @@ class Family:
         """The per-point arguments the model takes after ``x``: one-hot labels, or none."""
         if data is None or not self.conditioned_on_labels:
             return ()
-        from elbolab.models.cvae import as_condition
-
         return (as_condition(self._labels(data), num_classes),)
 
     def reconstruct(self, model: Any, guide: Any, x: Tensor, conditions: tuple[Tensor, ...]) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from elbolab.errors import InputError
-from elbolab.families.family import ONE_LATENT_FIELDS, Family, Metrics, Samples
+from elbolab.families.family import ONE_LATENT_FIELDS, Family, Metrics
 from elbolab.guides import GuideConfig, NearestCodeGuide
 from elbolab.inference import importance_estimate
 from elbolab.models import VQVAE, ModelConfig
@@ -59,10 +59,6 @@ def code_metrics(model: VQVAE, guide: NearestCodeGuide, x: Tensor, conditions: t
     return split, {"rate_bits": guide.num_codes * math.log2(guide.codebook.size)}
 
 
-def uniform_code_samples(model: VQVAE, n: int, label: int | None, num_classes: int | None) -> Samples:
-    return model.generate(n), f"{n} decoded draws of uniformly drawn codes: means of p(x|codes)", 8
-
-
 FAMILY = Family(
     name="vqvae",
     summary="vector-quantized VAE: --num-codes codes per point from a codebook of --codebook-size vectors",
@@ -72,9 +68,9 @@ FAMILY = Family(
     guides=("nearest-code",),
     build_guide=nearest_code_guide,
     objectives=("elbo",),
-    objective_reason="the vqvae's posterior is one-hot (deterministic): every objective reduces to its ELBO",
+    objective_refusal="the vqvae's posterior is one-hot (deterministic): every objective reduces to its ELBO, so it "
+    "trains with --objective elbo",
     evaluate=code_metrics,
-    sample=uniform_code_samples,
     normalize=check_codebook,
     no_diagnosis="its posterior is one-hot, every importance weight is the same, and there is nothing for k-hat to "
     "diagnose; use elbolab evaluate",

@@ -2,7 +2,7 @@
 
 from elbolab.guides.auto import AutoAmortizedGuide
 from elbolab.guides.conditional import ConditionalGuide
-from elbolab.guides.config import GUIDE_FAMILIES, GuideConfig, build_guide
+from elbolab.guides.config import GuideConfig, build_guide
 from elbolab.guides.flow import FLOWS, FlowGuide
 from elbolab.guides.gaussian import GaussianGuide
 from elbolab.guides.hierarchical import BottomUpGuide, LadderGuide
@@ -11,7 +11,6 @@ from elbolab.guides.quantizer import NearestCodeGuide
 
 __all__ = [
     "FLOWS",
-    "GUIDE_FAMILIES",
     "AutoAmortizedGuide",
     "BottomUpGuide",
     "ConditionalGuide",

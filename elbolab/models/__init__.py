@@ -3,7 +3,14 @@
 from elbolab.models.cvae import ConditionalVAE, as_condition
 from elbolab.models.hierarchical import HierarchicalVAE
 from elbolab.models.latent import Latent, LatentModel
-from elbolab.models.vae import LIKELIHOODS, VAE, Autoencoder, Likelihood, ModelConfig, check_likelihood
+from elbolab.models.vae import (
+    LIKELIHOODS,
+    VAE,
+    Autoencoder,
+    Likelihood,
+    ModelConfig,
+    check_likelihood,
+)
 from elbolab.models.vqvae import VQVAE, Codebook, UniformCodebook
 
 __all__ = [

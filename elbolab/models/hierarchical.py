@@ -66,7 +66,7 @@ class HierarchicalVAE(nn.Module):
         if len(z_dims) < 2:
             raise InputError(f"an hvae needs two or more stochastic layers in z_dims, got {tuple(z_dims)}")
         self.config = ModelConfig(
-            "hvae", int(z_dims[0]), tuple(hidden), likelihood, activation, obs_scale,
+            "hvae", hidden=tuple(hidden), likelihood=likelihood, activation=activation, obs_scale=obs_scale,
             z_dims=tuple(z_dims), hidden_upper=tuple(hidden_upper or hidden),
         )
         self.x_dim, self.z_dims = x_dim, self.config.z_dims

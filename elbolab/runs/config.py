@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["RunConfig"]
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ class RunConfig:
             raise InputError(f"image_shape must be two positive integers whose product is x_dim ({self.x_dim}), got {shape!r}")
         family = get_family(self.model.name)
         self.model = checked_model_config(self.model)
-        self.guide.family = family.check_guide(self.guide.family)
+        self.guide = replace(self.guide, family=family.check_guide(self.guide.family))
         family.check_objective(parse_objective_spec(self.fit.objective)[0])
 
     @property
@@ -101,9 +101,16 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
-        """Build from nested dicts (a TOML file, config.json); unknown keys are errors."""
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", *, written: bool = False) -> RunConfig:
+        """Build from nested dicts (a TOML file, config.json); unknown keys are errors.
+
+        ``written=True`` reads a config elbolab wrote (a run folder's, a checkpoint's): a
+        ``[model]`` option its family does not read is dropped rather than refused, because
+        elbolab 0.1.0 accepted such options, ignored them, and recorded them.
+        """
         raw = dict(raw)
+        if written and isinstance(raw.get("model"), dict):
+            raw["model"] = _without_options_of_other_families(raw["model"])
         version = raw.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             newer = "newer than this elbolab reads; upgrade elbolab to read it" if is_integer(version) and version > FORMAT_VERSION else "not supported"
@@ -124,3 +131,10 @@ class RunConfig:
         return cls(
             **built, x_dim=raw.get("x_dim"), image_shape=tuple(image_shape) if image_shape else None, y_dim=raw.get("y_dim")
         )
+
+
+def _without_options_of_other_families(section: dict[str, Any]) -> dict[str, Any]:
+    """A ``[model]`` section less the options of :class:`ModelConfig` that its family does not read."""
+    family = get_family(section.get("name", ModelConfig().name))
+    options = {option.name for option in fields(ModelConfig)}
+    return {key: value for key, value in section.items() if key in family.fields or key not in options}

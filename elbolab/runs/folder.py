@@ -105,7 +105,7 @@ def checkpointed_config(path: Path) -> tuple[RunConfig, int]:
     if not checkpoint.exists():
         raise InputError(f"{path}: no {CHECKPOINT_FILE} to resume from (it is written after the first epoch)")
     _, training = read_checkpoint(checkpoint)
-    config = RunConfig.from_dict(training["metadata"], source=f"{checkpoint} (its run config)")
+    config = RunConfig.from_dict(training["metadata"], source=f"{checkpoint} (its run config)", written=True)
     return config, training["progress"]["epoch"]
 
 
@@ -124,7 +124,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         raise InputError(f"{path} {unfinished}; finish it with: elbolab fit --resume {path}")
     config_path = path / CONFIG_FILE
     try:
-        config = RunConfig.from_dict(read_json(config_path), source=str(config_path))
+        config = RunConfig.from_dict(read_json(config_path), source=str(config_path), written=True)
     except InputError as error:
         if str(config_path) in str(error):
             raise

@@ -1,5 +1,10 @@
 """Files the analysis writes are whole or absent: through elbolab.files.atomic_path, never in place."""
 
+import os
+import stat
+import threading
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -76,3 +81,26 @@ def test_figures_take_the_format_of_their_name(tmp_path):
         assert save_figure(fig, tmp_path / name) == tmp_path / name
         assert (tmp_path / name).read_bytes().startswith(magic), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.svg", "c.pdf"]
+
+
+def test_a_written_file_has_the_mode_a_new_file_gets(tmp_path):
+    """The temporary file's 0600 must not outlive the rename: figures and tables are for others to read."""
+    mask = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "table.csv", b"a,b\n")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "table.csv").stat().st_mode) == 0o640
+
+
+def test_a_file_that_is_not_a_regular_file_is_written_in_place(tmp_path):
+    """``elbolab sample --out /dev/stdout``: a device or a pipe is written to, never renamed over."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write(pipe, b"a,b\n")
+    reader.join(timeout=10)
+    assert received == [b"a,b\n"] and stat.S_ISFIFO(pipe.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

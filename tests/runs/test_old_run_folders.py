@@ -54,3 +54,16 @@ def test_an_old_run_rebuilds_its_config(old_run):
     run = load_run(old_run)
     written = json.loads((old_run / "config.json").read_text())
     assert run.config.to_dict() == written
+
+
+@pytest.mark.parametrize("old_run", ["hvae"], indirect=True)
+def test_an_option_of_another_family_that_an_old_run_recorded_is_dropped_on_reading(old_run):
+    """0.1.0 accepted and ignored ``--z-dim`` for an hvae and wrote it down; the run still loads and evaluates alike."""
+    config = json.loads((old_run / "config.json").read_text())
+    config["model"]["z_dim"] = 30
+    (old_run / "config.json").write_text(json.dumps(config))
+    expected = json.loads((old_run / "metrics.json").read_text())
+    assert main(["evaluate", str(old_run), "--num-samples", "10", "--device", "cpu", "--quiet"]) == 0
+    metrics = json.loads((old_run / "metrics.json").read_text())
+    assert metrics["test_log_likelihood"] == pytest.approx(expected["test_log_likelihood"], rel=1e-5)
+    assert load_run(old_run).config.model.z_dim == 20  # the option it never read is not carried on
