@@ -9,8 +9,9 @@ Options come from flags or a TOML file (``--config``) with ``[data]``, ``[model]
 tables, filling the same dataclasses; flags override the file. A user's mistake ends with one
 line on stderr and exit status 2; no run folder is left half-written.
 
-This module parses arguments, turns them into configs, calls the library and prints; what a
-model family trains under, reports and draws is its registry entry's (:mod:`elbolab.families`).
+The flags, and the configs they fill, are declared in :mod:`elbolab.cli_arguments`; this module
+runs the commands: it calls the library with those configs and prints. What a model family
+trains under, reports and draws is its registry entry's (:mod:`elbolab.families`).
 """
 
 from __future__ import annotations
@@ -383,7 +384,10 @@ def _diagnose(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     run = load_run(args.run, device=resolve_device(args.device))
     pyro.set_rng_seed(args.seed)
-    samples, title, columns = run.config.family.samples(run.model, args.n, args.label, run.config.y_dim)
+    try:
+        samples, title, columns = run.config.family.samples(run.model, args.n, args.label, run.config.y_dim)
+    except InputError as error:
+        raise InputError(f"{args.run}: {error}") from None
     samples = samples.cpu()
     image_shape = run.config.image_shape
     out = args.out or args.run / ("samples.png" if image_shape else "samples.csv")
