@@ -20,12 +20,12 @@ from elbolab.analysis.latent import latent_draws
 from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
 from elbolab.inference import fit, log_likelihood
-from elbolab.runs import RunConfig, load_run, save_run
 from elbolab.inference.fit import FitConfig
-from elbolab.inference.step import RunningSums, make_adam, step_function
 from elbolab.inference.objectives import get_objective
+from elbolab.inference.step import RunningSums, make_adam, step_function
 from elbolab.inference.training_checkpoint import CHECKPOINT_FILE, read_checkpoint
 from elbolab.models import ModelConfig
+from elbolab.runs import RunConfig, load_run, save_run
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

@@ -10,8 +10,8 @@ from elbolab.data import DataConfig, load_dataset
 from elbolab.errors import InputError
 from elbolab.guides import GaussianGuide
 from elbolab.inference import FitConfig, fit, log_likelihood
-from elbolab.runs import RunConfig, load_run, save_run
 from elbolab.models import VAE, ModelConfig
+from elbolab.runs import RunConfig, load_run, save_run
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from pyro import poutine
 from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
 from elbolab.inference import ELBO, get_objective, log_likelihood
-from elbolab.runs import RunConfig, load_run, save_run
 from elbolab.inference.fit import FitConfig
 from elbolab.inference.traces import sample_sites
 from elbolab.models import ModelConfig
+from elbolab.runs import RunConfig, load_run, save_run
 
 X_DIM, Y_DIM, N = 12, 3, 10
 

@@ -8,9 +8,9 @@ import torch
 from pyro import poutine
 
 from elbolab.errors import InputError
+from elbolab.families import checked_model_config
 from elbolab.guides import GaussianGuide
 from elbolab.inference import ELBO
-from elbolab.families import checked_model_config
 from elbolab.models import LIKELIHOODS, VAE, Autoencoder, ModelConfig
 
 
