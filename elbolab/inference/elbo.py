@@ -113,7 +113,9 @@ class ELBO(pyro.infer.ELBO):
             for _, site in sample_sites(guide_trace):
                 if not site["is_observed"]:
                     kl = kl + site_log_prob(site).sum()
-        loss = (kl if self.beta == 1.0 else self.beta * kl) - log_lik
+        # beta is a float, or a 0-d tensor while the compiled step is traced (KL warm-up changes it).
+        unweighted = isinstance(self.beta, float) and self.beta == 1.0
+        loss = (kl if unweighted else self.beta * kl) - log_lik
         return loss / self.num_particles if self.num_particles > 1 else loss
 
     def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict):

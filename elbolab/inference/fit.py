@@ -42,6 +42,7 @@ from elbolab.contract import floating_dtype
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.inference.checks import check_rows, training_contract
+from elbolab.inference.compiled import CompiledStep, NotTraceable
 from elbolab.inference.distributed import (
     DataParallelLoss,
     agree_to_stop,
@@ -100,6 +101,10 @@ class FitConfig:
         max_restorations: after this many restorations, training stops with an
             :class:`~elbolab.errors.InputError` (the last checkpoint is left as it was).
         checkpoint_every: epochs between training checkpoints.
+        compile: trace the training step once per batch shape into a static graph and compile it
+            (:mod:`~elbolab.inference.compiled`: Inductor, and CUDA graphs on a GPU); a step that
+            cannot be traced trains eagerly, and ``fit`` says why on stderr. Same noise, same
+            results up to rounding; the compile time is kept out of the epochs' ``seconds``.
     """
 
     objective: str = "elbo"
@@ -115,6 +120,7 @@ class FitConfig:
     max_bad_steps: int = 10
     max_restorations: int = 3
     checkpoint_every: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("particles", "epochs", "batch_size", "max_bad_steps", "checkpoint_every"):
@@ -134,6 +140,8 @@ class FitConfig:
         restorations = self.max_restorations
         if not is_integer(restorations) or restorations < 0:
             raise InputError(f"max_restorations must be a non-negative integer, got {restorations}")
+        if not isinstance(self.compile, bool):
+            raise InputError(f"compile must be true or false, got {self.compile!r}")
         resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +164,9 @@ class FitResult:
         objective: the objective instance used.
         skipped_steps: steps skipped for a non-finite loss or gradient, over the whole run
             (``fit`` also says so on stderr when it ends).
+        compile_seconds: time spent tracing and compiling the step (``compile=True``), which the
+            history's ``seconds`` leave out.
+        compiled: whether the steps ran compiled (``False`` after a fallback to the eager step).
     """
 
     model: Callable[..., Any]
@@ -163,6 +174,8 @@ class FitResult:
     history: pd.DataFrame
     objective: Any
     skipped_steps: int = 0
+    compile_seconds: float = 0.0
+    compiled: bool = False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -273,6 +286,8 @@ def fit(
         parallel = DataParallelLoss(group, contract, objective, model, guide, params, first)
         pyro.set_rng_seed(rank_seed(config.seed, group.rank))
     take_step = step_function(optimizer, params, config.clip_grad_norm)
+    say = leader and progress is not False
+    compiled = _compiled_step(config, group, model, guide, objective, params, optimizer, contract, train, say)
     warmup_steps = config.warmup * math.ceil(train.num_points / config.batch_size)
 
     # Where training starts: a checkpoint's state when resuming one.
@@ -290,13 +305,15 @@ def fit(
     with pyro.validation_enabled(False), deferred_stop(enabled=checkpoint is not None) as stop:
         for epoch in bar:
             start = time.perf_counter()
+            compile_before = compiled.compile_seconds if compiled is not None else 0.0
             if order is None:
                 order = train.indices(epoch_order(train.num_points, device, group))
                 sums.epoch.zero_()  # a run of skipped steps may go on into the new epoch
             batches = order.split(config.batch_size)
             for index in range(done.batch, len(batches)):
                 if agree_to_stop(group, stop.signal is not None, done.step, index == done.batch, CHECK_EVERY):
-                    done.batch, done.epoch_seconds = index, done.epoch_seconds + time.perf_counter() - start
+                    compiling = compiled.compile_seconds - compile_before if compiled is not None else 0.0
+                    done.batch, done.epoch_seconds = index, done.epoch_seconds + time.perf_counter() - start - compiling
                     saved.save(done, order, sums.tally)
                     raise TrainingInterrupted(checkpoint, epoch, index, len(batches), stop.signal or signal.SIGTERM)
                 batch_index = batches[index]
@@ -308,17 +325,24 @@ def fit(
                         continue
                     batch_index = group.shard(batch_index)
                 batch = train.rows(batch_index)
-                optimizer.zero_grad(set_to_none=True)
-                with data_plate_scale(contract, train.num_points, points, batch_index):
-                    if parallel is None:
-                        loss = objective.differentiable_loss(model, guide, *batch)
-                        loss.backward()
-                        loss = loss.detach()
-                    else:
-                        loss = parallel.loss_and_gradients(*batch)
-                # Under a data-plate scale N/B the loss estimates the whole data set's; the sums
-                # keep the batch's share, so that the epoch's mean is nats per data point.
-                take_step(loss if not contract.needs_scaling else loss * (points / train.num_points), points, sums)
+                if compiled is not None and compiled.active:
+                    try:
+                        compiled(batch, batch_index, points, sums)
+                    except NotTraceable as why:
+                        compiled.active = False
+                        _say_eager(why, say)
+                if compiled is None or not compiled.active:
+                    optimizer.zero_grad(set_to_none=True)
+                    with data_plate_scale(contract, train.num_points, points, batch_index):
+                        if parallel is None:
+                            loss = objective.differentiable_loss(model, guide, *batch)
+                            loss.backward()
+                            loss = loss.detach()
+                        else:
+                            loss = parallel.loss_and_gradients(*batch)
+                    # Under a data-plate scale N/B the loss estimates the whole data set's; the sums
+                    # keep the batch's share, so that the epoch's mean is nats per data point.
+                    take_step(loss if not contract.needs_scaling else loss * (points / train.num_points), points, sums)
                 done.step += 1
                 if done.step % CHECK_EVERY == 0:
                     guard.check(sums, done)
@@ -326,7 +350,10 @@ def fit(
 
             loss_sum, points, skipped = sums.epoch.tolist()
             train_loss = loss_sum / points if points else math.nan
-            seconds = done.epoch_seconds + time.perf_counter() - start
+            compiling = compiled.compile_seconds - compile_before if compiled is not None else 0.0
+            seconds = done.epoch_seconds + time.perf_counter() - start - compiling
+            if compiling and say:
+                _say_compiled(compiled, compiling)
             valid_elbo = _validation_elbo(model, guide, valid_x, valid_args) if leader else math.nan  # rank 0's
             report = _training_report(model, guide)
             done.history.append({
@@ -341,7 +368,10 @@ def fit(
                 saved.save(done, order, sums.tally)
             bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}", **{k: f"{v:.4g}" for k, v in report.items()})
     _set_train(model, guide, False)
-    return _result(model, guide, objective, done, say_skipped=leader and progress is not False)
+    result = _result(model, guide, objective, done, say_skipped=say)
+    result.compile_seconds = compiled.compile_seconds if compiled is not None else 0.0
+    result.compiled = compiled is not None and compiled.active
+    return result
 
 
 # FitConfig's fields: fit's keywords of the same names override the config's.
@@ -399,6 +429,35 @@ def _checkpoint_options(config: FitConfig, objective: str, objective_options: di
         "max_restorations": config.max_restorations, "data_shape": list(data.x.shape),
         "dynamic_binarization": data.dynamic,
     }
+
+
+def _compiled_step(config: FitConfig, group: Any, model: Any, guide: Any, objective: Any, params: list[Tensor],
+                   optimizer: torch.optim.Optimizer, contract: Any, train: StagedData, say: bool) -> CompiledStep | None:
+    """The compiled step when ``config.compile`` asks for it and the pair allows it; ``None`` trains eagerly."""
+    if not config.compile:
+        return None
+    if group is not None:
+        raise InputError(
+            "compile is not available under torchrun with several processes: DistributedDataParallel's "
+            "gradient hooks run outside a traced graph; train data-parallel without compile"
+        )
+    try:
+        return CompiledStep(model, guide, objective, params, optimizer, contract, train.num_points, config.clip_grad_norm)
+    except NotTraceable as why:
+        _say_eager(why, say)
+        return None
+
+
+def _say_eager(why: NotTraceable, say: bool) -> None:
+    if say:
+        print(f"fit: training eagerly, not compiled: the step cannot be traced into a static graph: {why}", file=sys.stderr)
+    return None
+
+
+def _say_compiled(compiled: CompiledStep, seconds: float) -> None:
+    shapes = ", ".join(" and ".join(str(s) for s in shape) for shape in compiled.compiled_shapes)
+    print(f"fit: compiled the training step in {seconds:.1f} s (kept out of the epoch times), for batches {shapes}",
+          file=sys.stderr)
 
 
 def _validation_elbo(model: Any, guide: Any, valid_x: Tensor | None, valid_args: tuple[Tensor, ...]) -> float:
