@@ -38,12 +38,15 @@ from __future__ import annotations
 
 __all__ = ["COMPILE_MODES", "CompiledStep", "NotTraceable"]
 
+import re
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -64,7 +67,7 @@ class NotTraceable(Exception):
 class _Objective(nn.Module):
     """``objective.differentiable_loss(model, guide, *batch)`` as one module's forward, whose state is the pair's."""
 
-    def __init__(self, objective: Any, model: nn.Module, guide: nn.Module) -> None:
+    def __init__(self, objective: Any, model: Any, guide: Any) -> None:
         super().__init__()
         self.objective, self.model, self.guide = objective, model, guide
 
@@ -72,12 +75,43 @@ class _Objective(nn.Module):
         return self.objective.differentiable_loss(self.model, self.guide, *batch)
 
 
+def _slots(module: nn.Module) -> dict[str, list[str]]:
+    """For each tensor's name (as ``named_parameters``/``named_buffers`` give it), the attributes that hold it.
+
+    A tensor shared by two modules (tied weights) is swapped into each; a module shared by two
+    owners (the ladder guide's top-down networks, the VQ-VAE's codebook) holds it once, under
+    whichever path comes first. ``functional_call`` is given exactly these: swapping one
+    attribute twice would leave the second swap's stand-in behind.
+    """
+    slots: dict[str, list[str]] = {}
+    for named, deduplicated in ((module.named_parameters, module.named_parameters()), (module.named_buffers, module.named_buffers())):
+        first = {id(tensor): name for name, tensor in deduplicated}
+        seen: set[tuple[int, str]] = set()
+        for name, tensor in named(remove_duplicate=False):
+            owner, _, attribute = name.rpartition(".")
+            key = (id(module.get_submodule(owner)), attribute)
+            if id(tensor) in first and key not in seen:
+                seen.add(key)
+                slots.setdefault(first[id(tensor)], []).append(name)
+    return slots
+
+
+@dataclass
+class _Graph:
+    """The step of one batch shape: the graph to run, which parameters get a gradient, which buffers are its inputs."""
+
+    run: Callable[..., Any]
+    has_grad: list[bool]
+    buffer_names: list[str]
+
+
 class CompiledStep:
     """One compiled training step per batch shape: gradients into ``p.grad``, a ``found_inf`` flag, the running sums.
 
     Arguments:
-        model, guide, objective: the pair and the objective being trained; model and guide must
-            be ``nn.Module``\\ s holding every parameter in ``params``.
+        model, guide, objective: the pair and the objective being trained; every parameter in
+            ``params`` must be a parameter of the model's or the guide's ``nn.Module`` (either
+            may be a plain function without parameters of its own).
         params: the parameters the optimizer updates (in its order).
         optimizer: fused Adam (:func:`~elbolab.inference.step.make_adam`), which takes the
             graph's ``found_inf``.
@@ -95,9 +129,6 @@ class CompiledStep:
                  contract: Contract, num_points: int, clip_grad_norm: float | None, mode: str = "inductor") -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
-        for role, program in (("model", model), ("guide", guide)):
-            if not isinstance(program, nn.Module):
-                raise NotTraceable(f"the {role} is a plain function, not an nn.Module: its parameters cannot be graph inputs")
         if not optimizer.defaults.get("fused"):
             raise NotTraceable("the compiled step hands its non-finite flag to fused Adam, and this optimizer is not fused")
         self.module = _Objective(objective, model, guide)
@@ -113,11 +144,12 @@ class CompiledStep:
         self.params, self.num_points, self.clip_grad_norm, self.mode = params, num_points, clip_grad_norm, mode
         self.param_names = [by_id[id(p)] for p in params]
         self.buffer_names = [name for name, _ in self.module.named_buffers()]
+        self.slots = _slots(self.module)
         # Detached views share the parameters' storage, which the optimizer updates in place.
         self.param_views = [p.detach() for p in params]
         # The KL weight as a graph input, in the parameters' dtype: the eager step's float * kl.
         self.beta = torch.ones((), dtype=params[0].dtype, device=params[0].device)
-        self.graphs: dict[tuple, tuple[Callable[..., Any], list[bool]]] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.compile_seconds = 0.0
         self.active = True  # False once a batch shape could not be traced: training goes on eagerly
         self.compiled_shapes: list[tuple[tuple[int, ...], ...]] = []
@@ -129,13 +161,13 @@ class CompiledStep:
         start = time.perf_counter()
         if first:
             self.graphs[key] = self._trace(batch, batch_index, points, sums)
-        graph, has_grad = self.graphs[key]
+        graph = self.graphs[key]
         if getattr(self.objective, "supports_beta", False):
             self.beta.fill_(self.objective.beta)
-        buffers = [self.module.get_buffer(name) for name in self.buffer_names]
-        found_inf, *grads = graph(self.param_views, buffers, sums.tally, self.beta, batch_index, *batch)
+        buffers = [self.module.get_buffer(name) for name in graph.buffer_names]
+        found_inf, *grads = graph.run(self.param_views, buffers, sums.tally, self.beta, batch_index, *batch)
         grads = iter(grads)
-        for p, graded in zip(self.params, has_grad, strict=True):
+        for p, graded in zip(self.params, graph.has_grad, strict=True):
             p.grad = next(grads) if graded else None
         self.optimizer.found_inf = found_inf
         self.optimizer.step()
@@ -144,19 +176,21 @@ class CompiledStep:
             self.compiled_shapes.append(tuple(tuple(t.shape) for t in batch))
 
     def _trace(self, batch: tuple[Tensor, ...], batch_index: Tensor, points: int,
-               sums: RunningSums) -> tuple[Callable[..., Any], list[bool]]:
+               sums: RunningSums) -> _Graph:
         """The step of this batch shape as a graph, and which parameters get a gradient."""
         has_grad: list[bool] = []
+        buffer_names: list[str] = []  # the buffers that are inputs of the graph being traced
 
         def step(params: list[Tensor], buffers: list[Tensor], tally: Tensor, beta: Tensor, batch_index: Tensor,
                  *batch: Tensor) -> list[Tensor]:
-            state = dict(zip(self.param_names, params, strict=True)) | dict(zip(self.buffer_names, buffers, strict=True))
+            given = dict(zip(self.param_names, params, strict=True)) | dict(zip(buffer_names, buffers, strict=True))
+            state = {slot: given[name] for name in given for slot in self.slots[name]}
             beta_before = getattr(self.objective, "beta", None)
             if beta_before is not None and getattr(self.objective, "supports_beta", False):
                 self.objective.beta = beta
             try:
                 with torch.enable_grad(), data_plate_scale(self.contract, self.num_points, points, batch_index):
-                    loss = torch.func.functional_call(self.module, state, batch)
+                    loss = torch.func.functional_call(self.module, state, batch, tie_weights=False)
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
             finally:
                 if beta_before is not None:
@@ -176,47 +210,124 @@ class CompiledStep:
             torch.maximum(tally[4], tally[3], out=tally[4])
             return [(~finite).float(), *used]
 
-        example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
-        example_buffers = [self.module.get_buffer(name).clone() for name in self.buffer_names]
-        devices = [batch[0].device] if batch[0].is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            try:
-                graph = make_fx(step)(example_params, example_buffers, sums.tally.clone(), self.beta.clone(),
-                                      batch_index, *batch)
-            except NotTraceable:
-                raise
-            except Exception as error:  # any failure of the trace is a reason to train eagerly, named
-                raise NotTraceable(_reason(error)) from None
-        _refuse_dynamic_shapes(graph)
+        graph = self._record(step, buffer_names, batch, batch_index, sums, fixed=True)
+        if _writes_constants(graph):  # an integer buffer the step updates (a BatchNorm's count): an input after all
+            graph = self._record(step, buffer_names, batch, batch_index, sums, fixed=False)
+        _refuse_host_reads(graph)
         if self.mode == "inductor":
             # ATen's random kernels, drawing from torch's generators: the eager step's noise.
             options = {"fallback_random": True, "triton.cudagraphs": batch[0].is_cuda}
-            return torch.compile(graph, dynamic=False, options=options), has_grad
-        return graph, has_grad
+            graph = torch.compile(graph, dynamic=False, options=options)
+        return _Graph(graph, has_grad, list(buffer_names))
+
+    def _record(self, step: Callable[..., Any], buffer_names: list[str], batch: tuple[Tensor, ...], batch_index: Tensor,
+                sums: RunningSums, fixed: bool) -> torch.fx.GraphModule:
+        """Trace ``step`` on copies of the state, under a forked generator: the trace itself changes nothing.
+
+        ``fixed``: integer and boolean buffers (a flow's permutation, which the inverse pass
+        iterates over in Python) are constants of the graph, not inputs; ``buffer_names`` is set
+        to the buffers that are.
+        """
+        buffers = dict(self.module.named_buffers())
+        saved = {name: value.clone() for name, value in buffers.items() if fixed and not value.is_floating_point()}
+        buffer_names[:] = [name for name in self.buffer_names if name not in saved]
+        example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
+        example_buffers = [buffers[name].clone() for name in buffer_names]
+        devices = [batch[0].device] if batch[0].is_cuda else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                # Host reads are let through here and judged on the graph (_refuse_host_reads): a
+                # read of a constant (a flow's permutation) is fine, a read of an input is not.
+                trace = make_fx(step, _error_on_data_dependent_ops=False, record_stack_traces=True)
+                return trace(example_params, example_buffers, sums.tally.clone(), self.beta.clone(), batch_index, *batch)
+        except NotTraceable:
+            raise
+        except Exception as error:  # any failure of the trace is a reason to train eagerly, named
+            raise NotTraceable(_reason(error)) from None
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    buffers[name].copy_(value)
+
+
+def _writes_constants(graph: torch.fx.GraphModule) -> bool:
+    """Whether an operation of the graph writes to one of its constants (``get_attr`` nodes)."""
+    for node in graph.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        values = list(node.args) + [node.kwargs.get(a.name) for a in schema.arguments[len(node.args):]]
+        for argument, value in zip(schema.arguments, values, strict=False):
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, torch.fx.Node) and value.op == "get_attr":
+                return True
+    return False
 
 
 def _reason(error: Exception) -> str:
-    """Why a trace failed, in a line, with the user's line of code where the traceback has one."""
+    """Why a trace failed, in a line, with the line of the program where the traceback has one."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "_local_scalar_dense" in message or "data-dependent" in message:
-        message = "it reads a tensor's value on the host (.item(), bool(), float(), or a Python branch on a tensor)"
-    where = _user_frame(error)
+    frames = [(frame.filename, frame.lineno, frame.line) for frame in traceback.extract_tb(error.__traceback__)]
+    where = _program_line(frames)
     return f"{message}{f', at {where}' if where else ''}"
 
 
-def _user_frame(error: Exception) -> str | None:
-    """The innermost frame of the traceback outside torch, Pyro and elbolab's inference: the user's line."""
-    skipped = [Path(torch.__file__).parent, Path(__import__("pyro").__file__).parent, Path(__file__).parent]
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        path = Path(frame.filename)
-        if not any(path.is_relative_to(root) for root in skipped) and "<" not in frame.filename:
-            return f"{path.name}:{frame.lineno} ({frame.line})" if frame.line else f"{path.name}:{frame.lineno}"
-    return None
+def _refuse_host_reads(graph: torch.fx.GraphModule) -> None:
+    """Refuse a graph that reads on the host a value computed from its inputs, or whose shapes depend on values.
 
-
-def _refuse_dynamic_shapes(graph: torch.fx.GraphModule) -> None:
-    """Refuse a graph with an operation whose output shape depends on the data's values (it would be frozen)."""
+    Such a read (``.item()``, ``bool()``, a Python branch on a tensor) froze the traced step's
+    value into the graph, and an output shape that depends on the values (``nonzero``, a boolean
+    mask) froze the shape: replayed on other data either would be wrong. Reads of constants
+    (a flow's fixed permutation) are the same at every step, and allowed.
+    """
     for node in graph.graph.nodes:
         tags = getattr(node.target, "tags", ())
-        if node.op == "call_function" and (torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags):
-            raise NotTraceable(f"its {node.target} has an output shape (or value) that depends on the data, which a static graph would freeze")
+        if node.op != "call_function":
+            continue
+        if torch.Tag.data_dependent_output in tags and _depends_on_inputs(node):
+            what = "it reads a tensor's value on the host (.item(), bool(), float(), or a Python branch on a tensor)"
+        elif torch.Tag.dynamic_output_shape in tags and not _integer_indexing(node) and _depends_on_inputs(node):
+            what = f"its {node.target} gives an output shape that depends on the data's values"
+        else:
+            continue
+        where = _program_line(_stack_frames(node.meta.get("stack_trace") or ""))
+        raise NotTraceable(f"{what}{f', at {where}' if where else ''}")
+
+
+def _integer_indexing(node: torch.fx.Node) -> bool:
+    """``x[i]`` with integer indices: tagged as of dynamic shape for the boolean-mask case, static here."""
+    if node.target not in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default):
+        return False
+    indices = [index for index in node.args[1] if isinstance(index, torch.fx.Node)]
+    return all(not index.meta["val"].dtype in (torch.bool, torch.uint8) for index in indices)
+
+
+def _depends_on_inputs(node: torch.fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return False
+
+
+def _stack_frames(stack_trace: str) -> list[tuple[str, int, str]]:
+    """``(file, line, code)`` of each frame of a formatted stack trace, outermost first."""
+    frames = []
+    for match in re.finditer(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', stack_trace):
+        frames.append((match.group(1), int(match.group(2)), match.group(3).strip()))
+    return frames
+
+
+def _program_line(frames: list[tuple[str, int, str | None]]) -> str | None:
+    """The innermost frame outside torch and Pyro: the line of the user's program (or of elbolab's) that asked."""
+    libraries = [Path(torch.__file__).parent, Path(pyro.__file__).parent]
+    for filename, lineno, line in reversed(frames):
+        path = Path(filename)
+        if "<" not in filename and not any(path.is_relative_to(root) for root in libraries):
+            return f"{path.name}:{lineno} ({line})" if line else f"{path.name}:{lineno}"
+    return None

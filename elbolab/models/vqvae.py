@@ -127,7 +127,9 @@ class Codebook(nn.Module):
         self.cluster_size.copy_(torch.where(start, mean_count, self.cluster_size))
         self.embedding_sum.copy_(torch.where(start, random_outputs * mean_count.unsqueeze(1), self.embedding_sum))
         self.initialized.fill_(True)
-        one_hot = torch.nn.functional.one_hot(codes, self.size).to(flat.dtype)
+        # A comparison, not F.one_hot, which reads the codes' range on the host to check it (a sync,
+        # and a value a compiled step cannot trace).
+        one_hot = (codes.unsqueeze(1) == torch.arange(self.size, device=codes.device)).to(flat.dtype)
         counts = one_hot.sum(0)
         self.counts += counts
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
