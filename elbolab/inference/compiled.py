@@ -215,6 +215,7 @@ class CompiledStep:
             graph = self._record(step, buffer_names, batch, batch_index, sums, fixed=False)
         _refuse_host_reads(graph)
         if self.mode == "inductor":
+            _scale_explicitly(graph)
             # ATen's random kernels, drawing from torch's generators: the eager step's noise.
             options = {"fallback_random": True, "triton.cudagraphs": batch[0].is_cuda}
             graph = torch.compile(graph, dynamic=False, options=options)
@@ -262,6 +263,42 @@ def _writes_constants(graph: torch.fx.GraphModule) -> bool:
             if written and isinstance(value, torch.fx.Node) and value.op == "get_attr":
                 return True
     return False
+
+
+# Operations whose scale arguments Inductor's pattern matcher drops when it fuses them with a
+# matrix product (torch 2.13: add(x, a @ b, alpha=c) runs as addmm(x, a, b), without c; see
+# pytorch/pytorch#167313): the traced graph spells the scaling out as a product before compiling.
+_SCALED_ADDS = {
+    torch.ops.aten.add.Tensor: torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor: torch.ops.aten.add_.Tensor,
+    torch.ops.aten.sub.Tensor: torch.ops.aten.sub.Tensor, torch.ops.aten.sub_.Tensor: torch.ops.aten.sub_.Tensor,
+}
+_SCALED_PRODUCTS = {
+    torch.ops.aten.addmm.default: torch.ops.aten.mm.default, torch.ops.aten.addmv.default: torch.ops.aten.mv.default,
+    torch.ops.aten.baddbmm.default: torch.ops.aten.bmm.default,
+}
+
+
+def _scale_explicitly(graph: torch.fx.GraphModule) -> None:
+    """Rewrite ``add(x, y, alpha=c)`` as ``add(x, c * y)`` and ``addmm(x, a, b, beta, alpha)`` as ``beta x + alpha (a @ b)``."""
+    aten = torch.ops.aten
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _SCALED_ADDS and node.kwargs.get("alpha", 1) != 1:
+            with graph.graph.inserting_before(node):
+                scaled = graph.graph.call_function(aten.mul.Tensor, (node.args[1], node.kwargs["alpha"]))
+            node.args = (node.args[0], scaled)
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "alpha"}
+        elif node.target in _SCALED_PRODUCTS and (node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1):
+            bias, left, right = node.args[:3]
+            with graph.graph.inserting_before(node):
+                product = graph.graph.call_function(_SCALED_PRODUCTS[node.target], (left, right))
+                product = graph.graph.call_function(aten.mul.Tensor, (product, node.kwargs.get("alpha", 1)))
+                bias = graph.graph.call_function(aten.mul.Tensor, (bias, node.kwargs.get("beta", 1)))
+                total = graph.graph.call_function(aten.add.Tensor, (bias, product))
+            node.replace_all_uses_with(total)
+            graph.graph.erase_node(node)
+    graph.recompile()
 
 
 def _reason(error: Exception) -> str:
