@@ -218,7 +218,7 @@ def _refuse_options_on_resume(args: argparse.Namespace) -> None:
 
 def _with_resume_flags(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     given = vars(args)
-    fit_changes = {name: given[f"fit.{name}"] for name in ("epochs", "device") if f"fit.{name}" in given}
+    fit_changes = {name: given[f"fit.{name}"] for name in ("epochs", "device", "compile") if f"fit.{name}" in given}
     data = replace(config.data, data_dir=given["data.data_dir"]) if "data.data_dir" in given else config.data
     return replace(config, fit=replace(config.fit, **fit_changes), data=data)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = ["Comparison", "compare", "compare_runs", "run_folder_name", "summarize", "to_markdown"]
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from elbolab.inference.training_checkpoint import CHECKPOINT_FILE
 RESULT_FILE = "result.json"
 # The FitConfig fields every run of a comparison shares; the others are each run's own.
 SHARED_OPTIONS = ("epochs", "batch_size", "lr", "device", "clip_grad_norm", "max_bad_steps", "max_restorations",
-                  "checkpoint_every")
+                  "checkpoint_every", "compile")
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,18 @@ def compare_runs(
                 "active_units": active_units(guide, test_x, *test_args),
                 "train_seconds": float(history["seconds"].sum()),  # over every session of a resumed run
                 "skipped_steps": int(history["skipped_steps"].sum()) if "skipped_steps" in history else 0,
+                "compile_seconds": result.compile_seconds,
             }
+            if config.compile and result.not_compiled and progress is not False:
+                tqdm.write(f"compare: {spec}, seed {seed}: trained eagerly, not compiled: {result.not_compiled}", file=sys.stderr)
             if run_folder is not None:
                 run_folder.mkdir(parents=True, exist_ok=True)
                 write_json(run_folder / RESULT_FILE, {"row": row, "history": history.to_dict(orient="list")})
         rows.append(row)
         histories.append(history.assign(objective=spec, seed=seed))
+    compiling = sum(row.get("compile_seconds", 0.0) for row in rows)
+    if compiling and progress is not False:
+        print(f"compare: compiled the training steps in {compiling:.1f} s in all (kept out of the train seconds)", file=sys.stderr)
     return Comparison(pd.DataFrame(rows), pd.concat(histories, ignore_index=True))
 
 

@@ -167,6 +167,8 @@ class FitResult:
         compile_seconds: time spent tracing and compiling the step (``compile=True``), which the
             history's ``seconds`` leave out.
         compiled: whether the steps ran compiled (``False`` after a fallback to the eager step).
+        not_compiled: with ``compile=True``, why the step could not be traced (``None`` when it
+            was, or when compiling was not asked for).
     """
 
     model: Callable[..., Any]
@@ -176,6 +178,7 @@ class FitResult:
     skipped_steps: int = 0
     compile_seconds: float = 0.0
     compiled: bool = False
+    not_compiled: str | None = None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -287,7 +290,7 @@ def fit(
         pyro.set_rng_seed(rank_seed(config.seed, group.rank))
     take_step = step_function(optimizer, params, config.clip_grad_norm)
     say = leader and progress is not False
-    compiled = _compiled_step(config, group, model, guide, objective, params, optimizer, contract, train, say)
+    compiled, not_compiled = _compiled_step(config, group, model, guide, objective, params, optimizer, contract, train, say)
     warmup_steps = config.warmup * math.ceil(train.num_points / config.batch_size)
 
     # Where training starts: a checkpoint's state when resuming one.
@@ -329,7 +332,7 @@ def fit(
                     try:
                         compiled(batch, batch_index, points, sums)
                     except NotTraceable as why:
-                        compiled.active = False
+                        compiled.active, not_compiled = False, str(why)
                         _say_eager(why, say)
                 if compiled is None or not compiled.active:
                     optimizer.zero_grad(set_to_none=True)
@@ -371,6 +374,7 @@ def fit(
     result = _result(model, guide, objective, done, say_skipped=say)
     result.compile_seconds = compiled.compile_seconds if compiled is not None else 0.0
     result.compiled = compiled is not None and compiled.active
+    result.not_compiled = not_compiled
     return result
 
 
@@ -432,20 +436,21 @@ def _checkpoint_options(config: FitConfig, objective: str, objective_options: di
 
 
 def _compiled_step(config: FitConfig, group: Any, model: Any, guide: Any, objective: Any, params: list[Tensor],
-                   optimizer: torch.optim.Optimizer, contract: Any, train: StagedData, say: bool) -> CompiledStep | None:
-    """The compiled step when ``config.compile`` asks for it and the pair allows it; ``None`` trains eagerly."""
+                   optimizer: torch.optim.Optimizer, contract: Any, train: StagedData,
+                   say: bool) -> tuple[CompiledStep | None, str | None]:
+    """The compiled step when ``config.compile`` asks for it and the pair allows it (``None``: eager), and why not."""
     if not config.compile:
-        return None
+        return None, None
     if group is not None:
         raise InputError(
             "compile is not available under torchrun with several processes: DistributedDataParallel's "
             "gradient hooks run outside a traced graph; train data-parallel without compile"
         )
     try:
-        return CompiledStep(model, guide, objective, params, optimizer, contract, train.num_points, config.clip_grad_norm)
+        return CompiledStep(model, guide, objective, params, optimizer, contract, train.num_points, config.clip_grad_norm), None
     except NotTraceable as why:
         _say_eager(why, say)
-        return None
+        return None, str(why)
 
 
 def _say_eager(why: NotTraceable, say: bool) -> None:
