@@ -36,7 +36,7 @@ trace cannot see such state, so the model's author must not rely on it under ``c
 
 from __future__ import annotations
 
-__all__ = ["COMPILE_MODES", "CompiledStep", "NotTraceable"]
+__all__ = ["COMPILE_MODES", "CompiledStep", "NotTraceable", "PairTracer"]
 
 import re
 import time
@@ -64,15 +64,15 @@ class NotTraceable(Exception):
     """The step cannot be traced into a static graph; the message says why."""
 
 
-class _Objective(nn.Module):
-    """``objective.differentiable_loss(model, guide, *batch)`` as one module's forward, whose state is the pair's."""
+class _Pair(nn.Module):
+    """The model and guide as one module, whose state is theirs: ``forward(program, ...)`` runs a program of the pair."""
 
-    def __init__(self, objective: Any, model: Any, guide: Any) -> None:
+    def __init__(self, model: Any, guide: Any) -> None:
         super().__init__()
-        self.objective, self.model, self.guide = objective, model, guide
+        self.model, self.guide = model, guide
 
-    def forward(self, *batch: Tensor) -> Tensor:
-        return self.objective.differentiable_loss(self.model, self.guide, *batch)
+    def forward(self, program: Callable[..., Any], *inputs: Any) -> Any:
+        return program(self.model, self.guide, *inputs)
 
 
 def _slots(module: nn.Module) -> dict[str, list[str]]:
@@ -98,11 +98,114 @@ def _slots(module: nn.Module) -> dict[str, list[str]]:
 
 @dataclass
 class _Graph:
-    """The step of one batch shape: the graph to run, which parameters get a gradient, which buffers are its inputs."""
+    """A program of the pair for one input shape: the graph to run, and which buffers are its inputs."""
 
     run: Callable[..., Any]
-    has_grad: list[bool]
     buffer_names: list[str]
+
+
+class PairTracer:
+    """Programs of a model and guide traced once per input shape with the pair's state as graph inputs, and compiled.
+
+    A program is ``program(model, guide, params, *inputs) -> list of tensors``; inside the trace
+    ``params`` (and the modules' parameters) are the graph's parameter inputs, so a program may
+    differentiate with respect to them. :meth:`run` traces it at the first call of each
+    ``key`` (on copies of the state, under a forked generator: tracing changes nothing),
+    refuses what a static graph cannot hold (:class:`NotTraceable`), compiles it, and runs it.
+
+    Arguments:
+        model, guide: the pair; ``params`` must all be parameters of their ``nn.Module``\\ s
+            (either may be a plain function without parameters).
+        params: the parameters that are graph inputs, in this order (default: all of the pair's).
+        mode: one of :data:`COMPILE_MODES`.
+    """
+
+    def __init__(self, model: Any, guide: Any, params: list[Tensor] | None = None, mode: str = "inductor") -> None:
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+        self.pair = _Pair(model, guide)
+        named = dict(self.pair.named_parameters())
+        by_id = {id(p): name for name, p in named.items()}
+        params = list(named.values()) if params is None else params
+        outside = [p for p in params if id(p) not in by_id]
+        if outside:
+            raise NotTraceable(
+                f"{len(outside)} parameter(s) live outside the model's and guide's modules (pyro.param sites of a "
+                "plain function?): only module parameters can be graph inputs"
+            )
+        self.params, self.mode = params, mode
+        self.param_names = [by_id[id(p)] for p in params]
+        self.buffer_names = [name for name, _ in self.pair.named_buffers()]
+        self.slots = _slots(self.pair)
+        # Detached views share the parameters' storage, which the optimizer updates in place.
+        self.param_views = [p.detach() for p in params]
+        self.graphs: dict[Any, _Graph] = {}
+        self.compile_seconds = 0.0
+
+    def run(self, key: Any, program: Callable[..., list[Tensor]], *inputs: Tensor) -> list[Tensor]:
+        """``program(model, guide, params, *inputs)``, from the graph of ``key`` (traced and compiled at its first call)."""
+        graph = self.graphs.get(key)
+        if graph is None:
+            start = time.perf_counter()
+            graph = self.graphs[key] = self._compile(program, inputs)
+            outputs = self._call(graph, inputs)  # Inductor compiles at the first call
+            self.compile_seconds += time.perf_counter() - start
+            return outputs
+        return self._call(graph, inputs)
+
+    def _call(self, graph: _Graph, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        buffers = [self.pair.get_buffer(name) for name in graph.buffer_names]
+        return graph.run(self.param_views, buffers, *inputs)
+
+    def _compile(self, program: Callable[..., list[Tensor]], inputs: tuple[Tensor, ...]) -> _Graph:
+        buffer_names: list[str] = []  # the buffers that are inputs of the graph being traced
+
+        def traced(params: list[Tensor], buffers: list[Tensor], *inputs: Tensor) -> list[Tensor]:
+            given = dict(zip(self.param_names, params, strict=True)) | dict(zip(buffer_names, buffers, strict=True))
+            state = {slot: given[name] for name in given for slot in self.slots[name]}
+            return torch.func.functional_call(self.pair, state, (program, params, *inputs), tie_weights=False)
+
+        graph = self._record(traced, buffer_names, inputs, fixed=True)
+        if _writes_constants(graph):  # an integer buffer the step updates (a BatchNorm's count): an input after all
+            graph = self._record(traced, buffer_names, inputs, fixed=False)
+        _refuse_host_reads(graph)
+        if self.mode == "inductor":
+            _scale_explicitly(graph)
+            cuda = any(t.is_cuda for t in inputs)
+            # ATen's random kernels, drawing from torch's generators: the eager step's noise.
+            options = {"fallback_random": True, "triton.cudagraphs": cuda}
+            graph = torch.compile(graph, dynamic=False, options=options)
+        return _Graph(graph, list(buffer_names))
+
+    def _record(self, traced: Callable[..., Any], buffer_names: list[str], inputs: tuple[Tensor, ...],
+                fixed: bool) -> torch.fx.GraphModule:
+        """Trace on copies of the state, under a forked generator: the trace itself changes nothing.
+
+        ``fixed``: integer and boolean buffers (a flow's permutation, which the inverse pass
+        iterates over in Python) are constants of the graph, not inputs; ``buffer_names`` is set
+        to the buffers that are.
+        """
+        buffers = dict(self.pair.named_buffers())
+        saved = {name: value.clone() for name, value in buffers.items() if fixed and not value.is_floating_point()}
+        buffer_names[:] = [name for name in self.buffer_names if name not in saved]
+        example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
+        example_buffers = [buffers[name].clone() for name in buffer_names]
+        copies = [t.clone() if isinstance(t, Tensor) else t for t in inputs]  # a program may update an input in place
+        devices = [t.device for t in inputs if isinstance(t, Tensor) and t.is_cuda][:1]
+        try:
+            with torch.random.fork_rng(devices=devices):
+                # Host reads are let through here and judged on the graph (_refuse_host_reads): a
+                # read of a constant (a flow's permutation) is fine, a read of an input is not.
+                trace = make_fx(traced, _error_on_data_dependent_ops=False, record_stack_traces=True)
+                return trace(example_params, example_buffers, *copies)
+        except NotTraceable:
+            raise
+        except Exception as error:  # any failure of the trace is a reason to run eagerly, named
+            raise NotTraceable(_reason(error)) from None
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    buffers[name].copy_(value)
 
 
 class CompiledStep:
@@ -127,75 +230,52 @@ class CompiledStep:
 
     def __init__(self, model: Any, guide: Any, objective: Any, params: list[Tensor], optimizer: torch.optim.Optimizer,
                  contract: Contract, num_points: int, clip_grad_norm: float | None, mode: str = "inductor") -> None:
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
         if not optimizer.defaults.get("fused"):
             raise NotTraceable("the compiled step hands its non-finite flag to fused Adam, and this optimizer is not fused")
-        self.module = _Objective(objective, model, guide)
-        named = dict(self.module.named_parameters())
-        by_id = {id(p): name for name, p in named.items()}
-        outside = [p for p in params if id(p) not in by_id]
-        if outside:
-            raise NotTraceable(
-                f"{len(outside)} parameter(s) live outside the model's and guide's modules (pyro.param sites of a "
-                "plain function?): only module parameters can be graph inputs"
-            )
+        self.tracer = PairTracer(model, guide, params, mode)
         self.objective, self.optimizer, self.contract = objective, optimizer, contract
-        self.params, self.num_points, self.clip_grad_norm, self.mode = params, num_points, clip_grad_norm, mode
-        self.param_names = [by_id[id(p)] for p in params]
-        self.buffer_names = [name for name, _ in self.module.named_buffers()]
-        self.slots = _slots(self.module)
-        # Detached views share the parameters' storage, which the optimizer updates in place.
-        self.param_views = [p.detach() for p in params]
+        self.params, self.num_points, self.clip_grad_norm = params, num_points, clip_grad_norm
         # The KL weight as a graph input, in the parameters' dtype: the eager step's float * kl.
         self.beta = torch.ones((), dtype=params[0].dtype, device=params[0].device)
-        self.graphs: dict[tuple, _Graph] = {}
-        self.compile_seconds = 0.0
+        self.has_grad: dict[tuple, list[bool]] = {}
         self.active = True  # False once a batch shape could not be traced: training goes on eagerly
         self.compiled_shapes: list[tuple[tuple[int, ...], ...]] = []
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.tracer.compile_seconds
 
     def __call__(self, batch: tuple[Tensor, ...], batch_index: Tensor, points: int, sums: RunningSums) -> None:
         """One step's gradients, flag and sums; the optimizer step follows (fused Adam, skipping a non-finite step)."""
         key = (points, *(tuple(t.shape) for t in batch), *(t.dtype for t in batch))
-        first = key not in self.graphs
-        start = time.perf_counter()
-        if first:
-            self.graphs[key] = self._trace(batch, batch_index, points, sums)
-        graph = self.graphs[key]
+        if key not in self.has_grad:
+            self.compiled_shapes.append(tuple(tuple(t.shape) for t in batch))
         if getattr(self.objective, "supports_beta", False):
             self.beta.fill_(self.objective.beta)
-        buffers = [self.module.get_buffer(name) for name in graph.buffer_names]
-        found_inf, *grads = graph.run(self.param_views, buffers, sums.tally, self.beta, batch_index, *batch)
+        program = self._program(key, points)
+        found_inf, *grads = self.tracer.run(key, program, sums.tally, self.beta, batch_index, *batch)
         grads = iter(grads)
-        for p, graded in zip(self.params, graph.has_grad, strict=True):
+        for p, graded in zip(self.params, self.has_grad[key], strict=True):
             p.grad = next(grads) if graded else None
         self.optimizer.found_inf = found_inf
         self.optimizer.step()
-        if first:
-            self.compile_seconds += time.perf_counter() - start
-            self.compiled_shapes.append(tuple(tuple(t.shape) for t in batch))
 
-    def _trace(self, batch: tuple[Tensor, ...], batch_index: Tensor, points: int,
-               sums: RunningSums) -> _Graph:
-        """The step of this batch shape as a graph, and which parameters get a gradient."""
-        has_grad: list[bool] = []
-        buffer_names: list[str] = []  # the buffers that are inputs of the graph being traced
+    def _program(self, key: tuple, points: int) -> Callable[..., list[Tensor]]:
+        """The step of one batch shape, as a program of the pair; it records which parameters get a gradient."""
 
-        def step(params: list[Tensor], buffers: list[Tensor], tally: Tensor, beta: Tensor, batch_index: Tensor,
+        def step(model: Any, guide: Any, params: list[Tensor], tally: Tensor, beta: Tensor, batch_index: Tensor,
                  *batch: Tensor) -> list[Tensor]:
-            given = dict(zip(self.param_names, params, strict=True)) | dict(zip(buffer_names, buffers, strict=True))
-            state = {slot: given[name] for name in given for slot in self.slots[name]}
             beta_before = getattr(self.objective, "beta", None)
             if beta_before is not None and getattr(self.objective, "supports_beta", False):
                 self.objective.beta = beta
             try:
                 with torch.enable_grad(), data_plate_scale(self.contract, self.num_points, points, batch_index):
-                    loss = torch.func.functional_call(self.module, state, batch, tie_weights=False)
+                    loss = self.objective.differentiable_loss(model, guide, *batch)
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
             finally:
                 if beta_before is not None:
                     self.objective.beta = beta_before
-            has_grad[:] = [g is not None for g in grads]
+            self.has_grad[key] = [g is not None for g in grads]
             used = [g for g in grads if g is not None]
             loss = loss.detach()
             norm = torch.nn.utils.get_total_norm(used, foreach=True) if used else loss.new_zeros(())
@@ -210,45 +290,7 @@ class CompiledStep:
             torch.maximum(tally[4], tally[3], out=tally[4])
             return [(~finite).float(), *used]
 
-        graph = self._record(step, buffer_names, batch, batch_index, sums, fixed=True)
-        if _writes_constants(graph):  # an integer buffer the step updates (a BatchNorm's count): an input after all
-            graph = self._record(step, buffer_names, batch, batch_index, sums, fixed=False)
-        _refuse_host_reads(graph)
-        if self.mode == "inductor":
-            _scale_explicitly(graph)
-            # ATen's random kernels, drawing from torch's generators: the eager step's noise.
-            options = {"fallback_random": True, "triton.cudagraphs": batch[0].is_cuda}
-            graph = torch.compile(graph, dynamic=False, options=options)
-        return _Graph(graph, has_grad, list(buffer_names))
-
-    def _record(self, step: Callable[..., Any], buffer_names: list[str], batch: tuple[Tensor, ...], batch_index: Tensor,
-                sums: RunningSums, fixed: bool) -> torch.fx.GraphModule:
-        """Trace ``step`` on copies of the state, under a forked generator: the trace itself changes nothing.
-
-        ``fixed``: integer and boolean buffers (a flow's permutation, which the inverse pass
-        iterates over in Python) are constants of the graph, not inputs; ``buffer_names`` is set
-        to the buffers that are.
-        """
-        buffers = dict(self.module.named_buffers())
-        saved = {name: value.clone() for name, value in buffers.items() if fixed and not value.is_floating_point()}
-        buffer_names[:] = [name for name in self.buffer_names if name not in saved]
-        example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
-        example_buffers = [buffers[name].clone() for name in buffer_names]
-        devices = [batch[0].device] if batch[0].is_cuda else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                # Host reads are let through here and judged on the graph (_refuse_host_reads): a
-                # read of a constant (a flow's permutation) is fine, a read of an input is not.
-                trace = make_fx(step, _error_on_data_dependent_ops=False, record_stack_traces=True)
-                return trace(example_params, example_buffers, sums.tally.clone(), self.beta.clone(), batch_index, *batch)
-        except NotTraceable:
-            raise
-        except Exception as error:  # any failure of the trace is a reason to train eagerly, named
-            raise NotTraceable(_reason(error)) from None
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    buffers[name].copy_(value)
+        return step
 
 
 def _writes_constants(graph: torch.fx.GraphModule) -> bool:
