@@ -18,7 +18,8 @@ Cases (``--cases``, comma-separated):
 
 NumPyro's jitted ``SVI(Trace_ELBO)`` of the same VAE (``vae400``, ``vae64``) runs in a second
 process, from a separate environment given with ``--numpyro-python`` (NumPyro and JAX must not
-share this process with torch's threads):
+share this process with torch's threads); it is asked for its blocks of steps in turn with
+the others (numpyro_step.py), so that it is interleaved too:
 
     python3 -m venv /tmp/numpyro-venv && /tmp/numpyro-venv/bin/pip install numpyro jax jaxlib
     python benchmarks/compiled_step.py --numpyro-python /tmp/numpyro-venv/bin/python
@@ -161,53 +162,68 @@ def cases(x: torch.Tensor) -> dict[str, dict[str, Callable[[], Callable[[], None
     }
 
 
-def measure(name: str, variants: dict[str, Callable[[], Callable[[], None]]], steps: int, repeats: int,
-            device: torch.device) -> dict[str, float]:
+def timer(step: Callable[[], None], device: torch.device) -> Callable[[int], float]:
+    """Milliseconds per step of ``steps`` calls of ``step``."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    built, compile_seconds = {}, {}
+    def block(steps: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        return (time.perf_counter() - start) / steps * 1e3
+
+    return block
+
+
+class NumPyro:
+    """NumPyro's step in a second process (numpyro_step.py), timed there, block by block on request."""
+
+    def __init__(self, python: str, data_dir: str) -> None:
+        self.process = subprocess.Popen([python, str(NUMPYRO_SCRIPT), "--data-dir", data_dir], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.versions = json.loads(self.process.stdout.readline())["ready"]
+
+    def timer(self, case: str) -> Callable[[int], float]:
+        def block(steps: int) -> float:
+            self.process.stdin.write(f"{case} {steps}\n")
+            self.process.stdin.flush()
+            return json.loads(self.process.stdout.readline())["ms"]
+
+        return block
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def measure(name: str, variants: dict[str, Callable[[], Callable[[], None]]], steps: int, repeats: int,
+            device: torch.device, numpyro: NumPyro | None) -> dict[str, float]:
+    timers, setup = {}, {}
     for variant, build in variants.items():
         pyro.set_rng_seed(0)
         start = time.perf_counter()
         step = build()
         step()  # compiles the compiled variants
-        sync()
-        compile_seconds[variant] = time.perf_counter() - start
-        for _ in range(3):
-            step()
-        built[variant] = step
-    times: dict[str, list[float]] = {variant: [] for variant in built}
+        timers[variant] = timer(step, device)
+        timers[variant](3)
+        setup[variant] = time.perf_counter() - start
+    if numpyro is not None and name in ("vae400", "vae64"):
+        timers[f"NumPyro jit ({numpyro.versions}), 2nd process"] = numpyro.timer(name)
+    times: dict[str, list[float]] = {variant: [] for variant in timers}
     for _ in range(repeats):
-        for variant, step in built.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync()
-            times[variant].append((time.perf_counter() - start) / steps * 1e3)
+        for variant, block in timers.items():
+            times[variant].append(block(steps))
     median = {variant: statistics.median(t) for variant, t in times.items()}
-    reference = median.get("plain PyTorch eager", median.get("elbolab eager"))
+    reference = "plain PyTorch eager" if "plain PyTorch eager" in median else "elbolab eager"
     print(f"{name} on {device}: ms per step, median of {repeats} interleaved repeats of {steps} steps")
     for variant, value in median.items():
-        setup = f"   (build + first step {compile_seconds[variant]:.1f} s)" if "compile" in variant else ""
-        print(f"  {variant:30s} {value:8.3f} ms   x{reference / value:5.2f} vs {'plain eager' if 'plain PyTorch eager' in median else 'elbolab eager'}{setup}")
+        built = f"   (build + first steps {setup[variant]:.1f} s)" if "compile" in variant else ""
+        print(f"  {variant:50s} {value:8.3f} ms   x{median[reference] / value:5.2f} vs {reference}{built}")
     return median
-
-
-def numpyro(python: str, steps: int, repeats: int, data_dir: str) -> dict[str, float]:
-    """NumPyro's jitted SVI step, measured in a second process."""
-    result = subprocess.run([python, str(NUMPYRO_SCRIPT), "--steps", str(steps), "--repeats", str(repeats),
-                             "--data-dir", data_dir], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"NumPyro: failed ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode})")
-        return {}
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    for case, value in figures.items():
-        if case != "versions":
-            print(f"{case}: NumPyro SVI(Trace_ELBO), jit ({figures['versions']}) {value:8.3f} ms per step (second process)")
-    return figures
 
 
 def main() -> None:
@@ -235,12 +251,15 @@ def main() -> None:
     unknown = sorted(set(args.cases.split(",")) - set(every))
     if unknown:
         sys.exit(f"unknown case {unknown[0]}; choose from {', '.join(every)}")
-    with pyro.validation_enabled(False):
-        for name in args.cases.split(","):
-            steps = max(args.steps // 5, 5) if name == "iwae50" else args.steps
-            measure(name, every[name], steps, args.repeats, device)
-    if args.numpyro_python:
-        numpyro(args.numpyro_python, args.steps, args.repeats, args.data_dir)
+    numpyro = NumPyro(args.numpyro_python, args.data_dir) if args.numpyro_python else None
+    try:
+        with pyro.validation_enabled(False):
+            for name in args.cases.split(","):
+                steps = max(args.steps // 5, 5) if name == "iwae50" else args.steps
+                measure(name, every[name], steps, args.repeats, device, numpyro)
+    finally:
+        if numpyro is not None:
+            numpyro.close()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
-"""NumPyro's jitted ``SVI(Trace_ELBO)`` step of the benchmark's VAE, in ms per step (run by compiled_step.py).
+"""NumPyro's jitted ``SVI(Trace_ELBO)`` step of the benchmark's VAE, in ms per step (a server for compiled_step.py).
 
 The same 784-H-20 Bernoulli VAE, diagonal-Gaussian encoder with a softplus scale, Adam 1e-3,
 batches gathered by index from binarized MNIST on the device; ``svi.update`` jitted, the data
-batch as its argument. Prints one JSON line: ``{"vae400": ms, "vae64": ms, "versions": ...}``.
-Needs numpyro and jax (a separate environment; see compiled_step.py), not elbolab.
+batch as its argument. Both cases are built and compiled first; the script then prints
+``ready`` and answers each line ``CASE STEPS`` on stdin with the milliseconds per step of that
+many steps, so that compiled_step.py can interleave them with its own variants. Needs numpyro
+and jax (a separate environment; see compiled_step.py), not elbolab.
 """
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -59,8 +61,6 @@ def build(hidden, batch, data):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", default="")
     args = parser.parse_args()
     path = Path(args.data_dir) / "binarized_mnist_train.amat.gz"
@@ -69,23 +69,22 @@ def main():
     cases = {"vae400": (400, 128), "vae64": (64, 32)}
     built = {name: build(hidden, batch, data) for name, (hidden, batch) in cases.items()}
     rng = np.random.default_rng(0)
-    times = {name: [] for name in cases}
     states = {name: built[name][0] for name in cases}
     for name, (_, batch) in cases.items():  # compile
-        states[name], loss = built[name][1](states[name], jnp.asarray(rng.integers(0, data.shape[0], batch)))
+        for _ in range(3):
+            states[name], loss = built[name][1](states[name], jnp.asarray(rng.integers(0, data.shape[0], batch)))
         loss.block_until_ready()
-    for _ in range(args.repeats):
-        for name, (_, batch) in cases.items():
-            indices = [jnp.asarray(rng.integers(0, data.shape[0], batch)) for _ in range(args.steps)]
-            update = built[name][1]
-            start = time.perf_counter()
-            for index in indices:
-                states[name], loss = update(states[name], index)
-            loss.block_until_ready()
-            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
-    results = {name: statistics.median(t) for name, t in times.items()}
-    results["versions"] = f"numpyro {numpyro.__version__}, jax {jax.__version__}"
-    print(json.dumps(results))
+    print(json.dumps({"ready": f"numpyro {numpyro.__version__}, jax {jax.__version__}"}), flush=True)
+    for line in sys.stdin:
+        name, steps = line.split()
+        batch = cases[name][1]
+        indices = [jnp.asarray(rng.integers(0, data.shape[0], batch)) for _ in range(int(steps))]
+        update = built[name][1]
+        start = time.perf_counter()
+        for index in indices:
+            states[name], loss = update(states[name], index)
+        loss.block_until_ready()
+        print(json.dumps({"ms": (time.perf_counter() - start) / int(steps) * 1e3}), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ from typing import Any
 import pyro
 import torch
 from torch import Tensor, nn
+from torch._inductor.compile_fx import compile_fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
 
 from elbolab.contract import Contract
 from elbolab.inference.step import RunningSums, data_plate_scale
@@ -182,13 +184,24 @@ class PairTracer:
         if _writes_constants(graph):  # an integer buffer the step updates (a BatchNorm's count): an input after all
             graph = self._record(traced, buffer_names, inputs, fixed=False)
         _refuse_host_reads(graph)
-        if self.mode == "inductor":
-            _scale_explicitly(graph)
-            cuda = any(t.is_cuda for t in torch.utils._pytree.tree_leaves(list(inputs)) if isinstance(t, Tensor))
-            # ATen's random kernels, drawing from torch's generators: the eager step's noise.
-            options = {"fallback_random": True, "triton.cudagraphs": cuda}
-            graph = torch.compile(graph, dynamic=False, options=options)
-        return _Graph(graph, list(buffer_names))
+        if self.mode == "trace":
+            return _Graph(graph, list(buffer_names))
+        _scale_explicitly(graph)
+        # Inductor on the graph itself, without Dynamo: the trace is already a static ATen graph,
+        # and Dynamo's guards would cost a third of a small model's compiled step per call.
+        graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs
+        graph.recompile()
+        example = [*self.param_views, *(self.pair.get_buffer(name) for name in buffer_names), *inputs]
+        example = [t.clone() if isinstance(t, Tensor) else t for t in pytree.tree_leaves(example)]
+        cuda = any(t.is_cuda for t in example if isinstance(t, Tensor))
+        # ATen's random kernels, drawing from torch's generators: the eager step's noise.
+        options = {"fallback_random": True, "triton.cudagraphs": cuda}
+        compiled = compile_fx(graph, example, config_patches=options)
+
+        def run(*tree: Any) -> list[Tensor]:
+            return compiled(*pytree.tree_leaves(list(tree)))
+
+        return _Graph(run, list(buffer_names))
 
     def _record(self, traced: Callable[..., Any], buffer_names: list[str], inputs: tuple[Tensor, ...],
                 fixed: bool) -> torch.fx.GraphModule:
@@ -204,8 +217,8 @@ class PairTracer:
         example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
         example_buffers = [buffers[name].clone() for name in buffer_names]
         # A program may update an input in place: it traces on copies.
-        copies = torch.utils._pytree.tree_map_only(Tensor, torch.clone, list(inputs))
-        devices = [t.device for t in torch.utils._pytree.tree_leaves(copies) if isinstance(t, Tensor) and t.is_cuda][:1]
+        copies = pytree.tree_map_only(Tensor, torch.clone, list(inputs))
+        devices = [t.device for t in pytree.tree_leaves(copies) if isinstance(t, Tensor) and t.is_cuda][:1]
         try:
             with torch.random.fork_rng(devices=devices):
                 # Host reads are let through here and judged on the graph (_refuse_host_reads): a
