@@ -51,6 +51,7 @@ from elbolab.guides import FlowGuide
 from elbolab.guides.hierarchical import BottomUpGuide
 from elbolab.inference import get_objective
 from elbolab.inference.compiled import CompiledStep
+from elbolab.inference.staging import StagedData
 from elbolab.inference.step import RunningSums, collect_params, make_adam, step_function
 from elbolab.models import HierarchicalVAE
 
@@ -111,14 +112,16 @@ def elbolab_step(x: torch.Tensor, model: nn.Module, guide: nn.Module, objective:
     else:
         take_step = step_function(optimizer, params, None)
 
-    def step() -> None:
+    data = StagedData(x, (), dynamic=False, device=x.device)
+
+    def step() -> None:  # fit's loop body
         start = position[0] % (x.shape[0] - batch)
         position[0] += batch
         index = order[start:start + batch]
-        xb = x[index]
         if compiled:
-            compiled_step((xb,), index, batch, sums)
+            compiled_step(data, index, batch, sums)
             return
+        xb, = data.rows(index)
         optimizer.zero_grad(set_to_none=True)
         value = loss.differentiable_loss(model, guide, xb)
         value.backward()

@@ -56,6 +56,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from elbolab.contract import Contract
+from elbolab.inference.staging import StagedData
 from elbolab.inference.step import RunningSums, data_plate_scale
 
 # "inductor": the traced graph compiled by Inductor (on CUDA also captured in a CUDA graph);
@@ -148,13 +149,16 @@ class PairTracer:
         self.compile_seconds = 0.0
 
     def run(self, key: Any, program: Callable[..., list[Tensor]], *inputs: Any) -> list[Tensor]:
-        """``program(model, guide, params, *inputs)``, from the graph of ``key`` (traced and compiled at its first call)."""
+        """``program(model, guide, params, *inputs)``, from the graph of ``key`` (traced and compiled at its first call).
+
+        For a program that updates none of its inputs in place (:meth:`prepare` traces on them).
+        """
         if key not in self.graphs:
             self.prepare(key, program, inputs)
         return self.call(key, *inputs)
 
     def prepare(self, key: Any, program: Callable[..., list[Tensor]], inputs: tuple[Any, ...]) -> None:
-        """Trace ``program`` on inputs like ``inputs`` (which it does not change) as the graph of ``key``."""
+        """Trace ``program`` as the graph of ``key``, on ``inputs``: examples, copies of any that it updates in place."""
         start = time.perf_counter()
         self.graphs[key] = self._compile(program, inputs)
         self.compile_seconds += time.perf_counter() - start
@@ -216,15 +220,13 @@ class PairTracer:
         buffer_names[:] = [name for name in self.buffer_names if name not in saved]
         example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
         example_buffers = [buffers[name].clone() for name in buffer_names]
-        # A program may update an input in place: it traces on copies.
-        copies = pytree.tree_map_only(Tensor, torch.clone, list(inputs))
-        devices = [t.device for t in pytree.tree_leaves(copies) if isinstance(t, Tensor) and t.is_cuda][:1]
+        devices = [t.device for t in pytree.tree_leaves(list(inputs)) if isinstance(t, Tensor) and t.is_cuda][:1]
         try:
             with torch.random.fork_rng(devices=devices):
                 # Host reads are let through here and judged on the graph (_refuse_host_reads): a
                 # read of a constant (a flow's permutation) is fine, a read of an input is not.
                 trace = make_fx(traced, _error_on_data_dependent_ops=False, record_stack_traces=True)
-                return trace(example_params, example_buffers, *copies)
+                return trace(example_params, example_buffers, *inputs)
         except NotTraceable:
             raise
         except Exception as error:  # any failure of the trace is a reason to run eagerly, named
@@ -304,22 +306,34 @@ class CompiledStep:
     def compile_seconds(self) -> float:
         return self.tracer.compile_seconds
 
-    def __call__(self, batch: tuple[Tensor, ...], batch_index: Tensor, points: int, sums: RunningSums) -> None:
-        """One step: the gradients and the sums from the graph, then fused Adam's update (``p.grad`` is not written)."""
-        key = (points, *(tuple(t.shape) for t in batch), *(t.dtype for t in batch))
+    def __call__(self, data: StagedData, batch_index: Tensor, points: int, sums: RunningSums) -> None:
+        """One step on the rows ``batch_index`` of ``data``: the gradients and the sums from the graph, then fused Adam's update.
+
+        Data on the device are gathered (and dynamically binarized) inside the graph; streamed
+        data arrive as the batch. ``p.grad`` is not written.
+        """
+        inside = not data.streaming
+        source = (data.x, *data.args) if inside else data.rows(batch_index)
+        key = (points, inside, *(tuple(t.shape[1:]) for t in source), *(t.dtype for t in source))
         if key not in self.tracer.graphs:
-            self.compiled_shapes.append(tuple(tuple(t.shape) for t in batch))
+            self.compiled_shapes.append(((points, *data.x.shape[1:]), *((points, *a.shape[1:]) for a in data.args)))
+            example = (sums.tally.clone(), self.beta, batch_index, *source)  # the tally is updated in place
+            self.tracer.prepare(key, self._program(key, points, inside and data.dynamic, inside), example)
         if getattr(self.objective, "supports_beta", False):
             self.beta.fill_(self.objective.beta)
-        found_inf, *grads = self.tracer.run(key, self._program(key, points), sums.tally, self.beta, batch_index, *batch)
+        found_inf, *grads = self.tracer.call(key, sums.tally, self.beta, batch_index, *source)
         graded = [p for p, g in zip(self.params, self.has_grad[key], strict=True) if g]
         _fused_adam_step(self.optimizer, graded, grads, found_inf)
 
-    def _program(self, key: tuple, points: int) -> Callable[..., list[Tensor]]:
+    def _program(self, key: tuple, points: int, binarize: bool, gather: bool) -> Callable[..., list[Tensor]]:
         """The step of one batch shape, as a program of the pair; it records which parameters get a gradient."""
 
         def step(model: Any, guide: Any, params: list[Tensor], tally: Tensor, beta: Tensor, batch_index: Tensor,
-                 *batch: Tensor) -> list[Tensor]:
+                 *source: Tensor) -> list[Tensor]:
+            # StagedData.rows, in the graph: the same gather and the same draw of a binarized batch.
+            batch = tuple(t[batch_index] for t in source) if gather else source
+            if binarize:
+                batch = (torch.bernoulli(batch[0]), *batch[1:])
             beta_before = getattr(self.objective, "beta", None)
             if beta_before is not None and getattr(self.objective, "supports_beta", False):
                 self.objective.beta = beta
@@ -333,7 +347,8 @@ class CompiledStep:
             self.has_grad[key] = [g is not None for g in grads]
             used = [g for g in grads if g is not None]  # Adam leaves a parameter without a gradient alone
             loss = loss.detach()
-            norm = torch.nn.utils.get_total_norm(used, foreach=True) if used else loss.new_zeros(())
+            # torch.nn.utils.get_total_norm's norm of norms, as reductions Inductor fuses (its _foreach_norm is a call out).
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in used])) if used else loss.new_zeros(())
             finite = torch.isfinite(loss) & torch.isfinite(norm)
             if self.clip_grad_norm is not None:  # torch.nn.utils.clip_grads_with_norm_'s rule
                 coefficient = torch.clamp(self.clip_grad_norm / (norm + 1e-6), max=1.0)

@@ -327,14 +327,14 @@ def fit(
                     if points < group.world_size:  # a last batch too small to give every rank a point
                         continue
                     batch_index = group.shard(batch_index)
-                batch = train.rows(batch_index)
                 if compiled is not None and compiled.active:
                     try:
-                        compiled(batch, batch_index, points, sums)
+                        compiled(train, batch_index, points, sums)
                     except NotTraceable as why:
                         compiled.active, not_compiled = False, str(why)
                         _say_eager(why, say)
                 if compiled is None or not compiled.active:
+                    batch = train.rows(batch_index)
                     optimizer.zero_grad(set_to_none=True)
                     with data_plate_scale(contract, train.num_points, points, batch_index):
                         if parallel is None:

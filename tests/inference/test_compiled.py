@@ -23,6 +23,7 @@ from elbolab.inference import FitConfig, fit, get_objective
 from elbolab.inference.compiled import CompiledStep, _scale_explicitly
 from elbolab.inference.fit import _compiled_step as _compiled_step_of_fit
 from elbolab.inference.objectives import no_guide
+from elbolab.inference.staging import StagedData
 from elbolab.inference.step import RunningSums, collect_params, make_adam, step_function
 from elbolab.models import VAE, VQVAE, ModelConfig
 
@@ -99,7 +100,8 @@ def test_the_traced_step_gives_the_eager_step_s_loss_gradients_and_update_for_th
         eager_objective = get_objective(objective_name, **OBJECTIVE_SPECS[objective_name])
         eager_optimizer, eager_sums, eager_params = _eager_step(twin_model, twin_guide, eager_objective, batch, clip, seed=7)
         torch.manual_seed(7)
-        step(batch, torch.arange(batch[0].shape[0]), batch[0].shape[0], sums)
+        rows = StagedData(batch[0], batch[1:], dynamic=False, device=torch.device("cpu"))
+        step(rows, torch.arange(batch[0].shape[0]), batch[0].shape[0], sums)
     assert torch.allclose(sums.tally, eager_sums.tally, rtol=1e-5, atol=1e-5)
     # Adam's state after one step: its moments are the (clipped) gradient and its square, scaled; a
     # parameter without a gradient has none, in both.
