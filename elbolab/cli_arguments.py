@@ -264,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders")
     evaluate_parser.add_argument("--num-samples", type=_positive_int, default=5000, metavar="K", help="importance samples per data point (default 5000)")
+    evaluate_parser.add_argument("--compile", action="store_true",
+                                 help="run the model and guide on each chunk of samples as a graph traced once per chunk shape "
+                                 "and compiled (Inductor): the same draws and estimates up to rounding, faster for large K "
+                                 "(default: eager)")
     _add_shared_flags(evaluate_parser, "--split", "--data-dir", "--device", "--seed", "--quiet")
 
     diagnose_parser = commands.add_parser(

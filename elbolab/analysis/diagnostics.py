@@ -91,6 +91,7 @@ def importance_diagnostics(
     num_samples: int = 1000,
     batch_size: int | None = None,
     progress: bool | None = False,
+    compile: bool = False,
 ) -> pd.DataFrame:
     """One row per data point: ``log_likelihood``, ``elbo``, ``gap``, ``ess``, ``pareto_k``.
 
@@ -98,7 +99,7 @@ def importance_diagnostics(
         model, guide: a model following the contract and its guide.
         x: data ``[N, ...]`` on the model's device; ``*args``: further per-point tensors.
         num_samples: K, importance samples per point (ArviZ's Pareto fit needs a few hundred).
-        batch_size, progress: as in :func:`~elbolab.inference.importance_estimate`.
+        batch_size, progress, compile: as in :func:`~elbolab.inference.importance_estimate`.
 
     Returns:
         A DataFrame indexed by data point (0 .. N-1); see the module docstring for the columns
@@ -109,7 +110,7 @@ def importance_diagnostics(
         >>> table[table.pareto_k > K_HAT_BAD]  # the points the encoder fails on
     """
     log_w = log_importance_weights(
-        model, guide, x, *args, num_samples=num_samples, batch_size=batch_size, progress=progress
+        model, guide, x, *args, num_samples=num_samples, batch_size=batch_size, progress=progress, compile=compile
     ).double()  # [K, N]
     log_likelihood = log_w.logsumexp(0) - math.log(num_samples)
     elbo = log_w.mean(0)

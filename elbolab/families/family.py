@@ -40,9 +40,10 @@ Samples = tuple[Tensor, str, int]
 
 
 def importance_metrics(model: Any, guide: Any, x: Tensor, conditions: tuple[Tensor, ...], *, num_samples: int,
-                       progress: bool | None) -> Metrics:
+                       progress: bool | None, compile: bool = False) -> Metrics:
     """ELBO, importance-sampled log p(x) (K = ``num_samples``), reconstruction loss and ESS/K, per data point."""
-    estimate = importance_estimate(model, guide, x, *conditions, num_samples=num_samples, progress=progress)
+    estimate = importance_estimate(model, guide, x, *conditions, num_samples=num_samples, progress=progress,
+                                   compile=compile)
     split = {
         "elbo": estimate.elbo.mean().item(),
         "log_likelihood": estimate.log_likelihood.mean().item(),
@@ -74,7 +75,7 @@ class Family:
         objectives: the objectives it trains under, or ``None`` for every objective of an ELBO.
         objective_refusal: why it takes only ``objectives``, and which to use: the refusal of another.
         conditioned_on_labels: whether the model takes one-hot class labels after ``x``.
-        evaluate: ``evaluate(model, guide, x, conditions, num_samples=, progress=)`` -> :data:`Metrics`.
+        evaluate: ``evaluate(model, guide, x, conditions, num_samples=, progress=, compile=)`` -> :data:`Metrics`.
         sample: ``sample(model, n, label, num_classes)`` -> :data:`Samples`, or ``None`` when it cannot generate.
         no_diagnosis: why ``elbolab diagnose`` cannot read it, or ``None`` when it can.
         normalize: fills the family's defaults into a config and checks what only it needs.

@@ -35,7 +35,7 @@ def nearest_code_guide(config: GuideConfig, model: VQVAE) -> NearestCodeGuide:
 
 
 def code_metrics(model: VQVAE, guide: NearestCodeGuide, x: Tensor, conditions: tuple[Tensor, ...], *,
-                 num_samples: int, progress: bool | None) -> Metrics:
+                 num_samples: int, progress: bool | None, compile: bool = False) -> Metrics:
     """A VQ-VAE's evaluation: its exact ELBO, reconstruction error and the information in its codes.
 
     The posterior is one-hot, so one sample gives the ELBO exactly, and the importance-sampled
@@ -44,7 +44,7 @@ def code_metrics(model: VQVAE, guide: NearestCodeGuide, x: Tensor, conditions: t
     log2 K, reached when every code is used equally); ``rate_bits`` is the KL of the one-hot
     posterior to the uniform prior, M log2 K bits per data point.
     """
-    estimate = importance_estimate(model, guide, x, num_samples=1, progress=progress)
+    estimate = importance_estimate(model, guide, x, num_samples=1, progress=progress, compile=compile)
     codes = torch.cat([guide.codes(chunk) for chunk in x.split(4096)])
     usage = code_usage(torch.bincount(codes.reshape(-1), minlength=guide.codebook.size).float())
     elbo = estimate.elbo.mean().item()

@@ -148,6 +148,14 @@ class PairTracer:
         self._uncalled: set[Any] = set()
         self.compile_seconds = 0.0
 
+    def holds_state_of(self, model: Any, guide: Any) -> bool:
+        """Whether the graphs still read this pair's parameters and buffers (``.to(device)`` replaces them)."""
+        pair = _Pair(model, guide)
+        params, buffers = dict(pair.named_parameters()), dict(pair.named_buffers())
+        same_params = all(params.get(name) is p for name, p in zip(self.param_names, self.params, strict=True))
+        return same_params and list(buffers) == self.buffer_names and all(
+            buffers[name] is self.pair.get_buffer(name) for name in self.buffer_names)
+
     def run(self, key: Any, program: Callable[..., list[Tensor]], *inputs: Any) -> list[Tensor]:
         """``program(model, guide, params, *inputs)``, from the graph of ``key`` (traced and compiled at its first call).
 

@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 import math
+import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,6 +50,7 @@ from elbolab.contract import (
 )
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError
+from elbolab.inference.compiled import NotTraceable, PairTracer
 from elbolab.inference.traces import log_weights_per_point, run_traced, site_log_prob
 
 # Elements of one chunk's [samples, points, x_dim] block on the CPU; bounds evaluation memory
@@ -102,6 +105,7 @@ def importance_estimate(
     num_samples: int = 5000,
     batch_size: int | None = None,
     progress: bool | None = False,
+    compile: bool = False,
 ) -> ImportanceEstimate:
     """Importance-sample ``log p(x)`` (and the ELBO, reconstruction and ESS) for every row of ``x``.
 
@@ -114,6 +118,10 @@ def importance_estimate(
         batch_size: data points per chunk (default: as many as keep a chunk within
             :func:`chunk_elements` at 16 samples).
         progress: show a progress bar (``None``: only on a terminal).
+        compile: run each chunk's model and guide as a graph traced once per chunk shape and
+            compiled (:class:`~elbolab.inference.compiled.PairTracer`): the same draws, the same
+            estimates up to rounding; a pair that cannot be traced is evaluated eagerly, and
+            the reason is printed on stderr.
 
     Returns:
         An :class:`ImportanceEstimate`.
@@ -122,7 +130,7 @@ def importance_estimate(
     results: dict[str, list[Tensor]] = {k: [] for k in ("log_likelihood", "elbo", "reconstruction", "ess")}
     lse_w = lse_w2 = None
     sum_log_w = sum_log_lik = 0.0
-    for log_w, log_lik, last in _weight_chunks(model, guide, x, args, contract, num_samples, batch_size, progress):
+    for log_w, log_lik, last in _weight_chunks(model, guide, x, args, contract, num_samples, batch_size, progress, compile):
         chunk_lse, chunk_lse2 = log_w.logsumexp(0), (2 * log_w).logsumexp(0)
         lse_w = chunk_lse if lse_w is None else torch.logaddexp(lse_w, chunk_lse)
         lse_w2 = chunk_lse2 if lse_w2 is None else torch.logaddexp(lse_w2, chunk_lse2)
@@ -149,6 +157,7 @@ def log_importance_weights(
     num_samples: int = 1000,
     batch_size: int | None = None,
     progress: bool | None = False,
+    compile: bool = False,
 ) -> Tensor:
     """Every log importance weight ``log p(x_n, z_k) - log q(z_k | x_n)``, a CPU tensor ``[K, N]``.
 
@@ -158,7 +167,7 @@ def log_importance_weights(
     """
     x, args, contract = evaluation_inputs(model, guide, x, args)
     columns, samples = [], []
-    for log_w, _, last in _weight_chunks(model, guide, x, args, contract, num_samples, batch_size, progress):
+    for log_w, _, last in _weight_chunks(model, guide, x, args, contract, num_samples, batch_size, progress, compile):
         samples.append(log_w.cpu())
         if last:
             columns.append(torch.cat(samples))
@@ -316,20 +325,41 @@ def _weight_chunks(
     num_samples: int,
     batch_size: int | None,
     progress: bool | None,
+    compile: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor, bool]]:
     """``(log w [k, n], log p(x | z) [k, n], last)`` for the chunks of :func:`over_chunks`.
 
     The particles of a chunk are vectorized. Every chunk runs under a unit data-plate scale (a
     subsampling plate's training scale is undone) with the chunk's rows as the plate's subsample.
+    Compiled (``compile``), the rows are checked against the observed sites' supports before,
+    in one pass, instead of on each batch's first chunk.
     """
     if not is_integer(num_samples) or num_samples < 1:
         raise InputError(f"num_samples must be a positive integer, got {num_samples}")
     nesting = contract.plate_nesting
+    tracer = _evaluation_tracer(model, guide, x, args, contract) if compile else None
+
+    def weights_of(model: Any, guide: Any, rows: Tensor, batch: tuple[Tensor, ...], samples: int) -> tuple[Tensor, Tensor]:
+        with DataPlateScale(contract.plates, 1.0, rows):
+            model_trace, guide_trace = run_traced(model, guide, batch, {}, samples, nesting)
+        return model_trace, guide_trace
 
     def weights(chunk: Chunk) -> tuple[Tensor, Tensor]:
-        with DataPlateScale(contract.plates, 1.0, chunk.rows):
-            model_trace, guide_trace = run_traced(model, guide, chunk.batch, {}, chunk.samples, nesting)
-        if chunk.first:
+        nonlocal tracer
+        if tracer is not None:
+            key = (chunk.samples, *(tuple(t.shape) for t in chunk.batch))
+
+            def program(model: Any, guide: Any, params: list[Tensor], rows: Tensor, *batch: Tensor) -> list[Tensor]:
+                return list(log_weights_per_point(*weights_of(model, guide, rows, batch, chunk.samples), nesting, contract))
+
+            try:
+                log_w, log_lik = tracer.run(key, program, chunk.rows, *chunk.batch)
+                return log_w, log_lik
+            except NotTraceable as why:
+                tracer = None
+                print(f"log p(x): evaluating eagerly, not compiled: {why}", file=sys.stderr)
+        model_trace, guide_trace = weights_of(model, guide, chunk.rows, chunk.batch, chunk.samples)
+        if chunk.first and not compile:
             check_traced_rows(model_trace, contract, chunk.start)
         return log_weights_per_point(model_trace, guide_trace, nesting, contract)
 
@@ -340,6 +370,34 @@ def _weight_chunks(
             yield log_w, log_lik, chunk.last
 
 
+def _evaluation_tracer(model: Any, guide: Any, x: Tensor, args: tuple[Tensor, ...], contract: Contract) -> Any:
+    """A :class:`~elbolab.inference.compiled.PairTracer` for the estimate, once the rows are checked; ``None`` if the pair rules it out."""
+    from elbolab.inference.checks import check_rows  # checks sizes its passes with this module's chunks
+
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # the estimate's draws as without compile
+        check_rows(model, guide, x, args, contract)
+    key = (id(model), id(guide))
+    entry = _TRACERS.get(key)
+    if entry is not None and entry[0] is model and entry[1] is guide and entry[2].holds_state_of(model, guide):
+        _TRACERS.move_to_end(key)
+        return entry[2]
+    try:
+        tracer = PairTracer(model, guide)
+    except NotTraceable as why:
+        print(f"log p(x): evaluating eagerly, not compiled: {why}", file=sys.stderr)
+        return None
+    _TRACERS[key] = (model, guide, tracer)
+    while len(_TRACERS) > 4:
+        _TRACERS.popitem(last=False)
+    return tracer
+
+
+# The last pairs' tracers, whose graphs (one per chunk shape) later estimates reuse: a model
+# evaluated after each epoch, or on several splits, is traced and compiled once. The entries
+# hold the model and guide, so that an id is not reused while its entry lives.
+_TRACERS: OrderedDict[tuple[int, int], tuple[Any, Any, PairTracer]] = OrderedDict()
+
+
 def log_likelihood(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -348,6 +406,7 @@ def log_likelihood(
     num_samples: int = 5000,
     batch_size: int | None = None,
     progress: bool | None = False,
+    compile: bool = False,
 ) -> Tensor:
     """One importance-sampled ``log p(x)`` per data point, shape ``[N]`` (see :func:`importance_estimate`).
 
@@ -355,7 +414,7 @@ def log_likelihood(
         >>> log_likelihood(model, guide, test_x, num_samples=5000).mean()
     """
     return importance_estimate(
-        model, guide, x, *args, num_samples=num_samples, batch_size=batch_size, progress=progress
+        model, guide, x, *args, num_samples=num_samples, batch_size=batch_size, progress=progress, compile=compile
     ).log_likelihood
 
 

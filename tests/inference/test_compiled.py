@@ -19,7 +19,7 @@ from elbolab.data import load_dataset
 from elbolab.errors import InputError
 from elbolab.families import FAMILIES, build_model, build_model_guide
 from elbolab.guides import GaussianGuide, GuideConfig
-from elbolab.inference import FitConfig, fit, get_objective
+from elbolab.inference import FitConfig, fit, get_objective, importance_estimate
 from elbolab.inference.compiled import CompiledStep, _scale_explicitly
 from elbolab.inference.fit import _compiled_step as _compiled_step_of_fit
 from elbolab.inference.objectives import no_guide
@@ -226,3 +226,36 @@ def test_scaled_sums_keep_their_scale_under_inductor():
     _scale_explicitly(graph)
     for compiled, eager in zip(torch.compile(graph, dynamic=False)(x, a, b), scaled(x, a, b), strict=True):
         assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+# Compiled evaluation.
+
+
+def test_a_compiled_estimate_draws_what_the_eager_one_draws_and_reuses_its_graphs():
+    from elbolab.inference import evaluate
+
+    model, guide = _pair("cvae", "gaussian")
+    model.eval(), guide.eval()
+    x, labels = _batch("cvae", points=40)
+    estimates, tracers = [], []
+    for compile in (False, True, True):
+        torch.manual_seed(5)
+        estimates.append(importance_estimate(model, guide, x, labels, num_samples=30, batch_size=16, compile=compile))
+        tracers.append(evaluate._TRACERS.get((id(model), id(guide)), (None, None, None))[2])
+    assert tracers[1] is tracers[2] is not None
+    assert len(tracers[2].graphs) == 2  # chunks of 16 points and the last 8, traced once for both estimates
+    for name in ("log_likelihood", "elbo", "reconstruction", "ess"):
+        for compiled in estimates[1:]:
+            assert torch.allclose(getattr(compiled, name), getattr(estimates[0], name), rtol=1e-5, atol=1e-5), name
+
+
+def test_an_estimate_that_cannot_be_traced_runs_eagerly_and_says_why(capsys):
+    pyro.set_rng_seed(0)
+    model, guide = BranchingVAE(12, 3, hidden=(8,)).eval(), GaussianGuide(12, 3, hidden=(8,)).eval()
+    x = _batch("vae")[0]
+    torch.manual_seed(5)
+    compiled = importance_estimate(model, guide, x, num_samples=20, compile=True)
+    assert "evaluating eagerly, not compiled" in capsys.readouterr().err
+    torch.manual_seed(5)
+    eager = importance_estimate(model, guide, x, num_samples=20)
+    assert torch.equal(compiled.log_likelihood, eager.log_likelihood)
