@@ -176,3 +176,25 @@ def test_data_too_large_for_the_gpu_stream_from_pinned_memory_with_the_same_resu
     monkeypatch.setattr("elbolab.inference.staging.DEVICE_DATA_FRACTION", 0.0)  # nothing fits: stream every batch
     streamed = train("cvae", "cuda")[3].history
     torch.testing.assert_close(torch.tensor(streamed["train_loss"].to_numpy()), torch.tensor(resident["train_loss"].to_numpy()))
+
+
+@CUDA
+def test_a_compiled_fit_on_cuda_follows_the_eager_one_and_its_estimate_too():
+    # CUDA graphs of the compiled step (Inductor's triton.cudagraphs), with the state marked static.
+    from elbolab import VAE, GaussianGuide, load_dataset
+    from elbolab.inference import importance_estimate
+
+    data = load_dataset("digits", "train", binarize="dynamic")
+    results = []
+    for compile in (False, True):
+        pyro.set_rng_seed(0)
+        model, guide = VAE(64, 4, hidden=(32,)), GaussianGuide(64, 4, hidden=(32,))
+        result = fit(model, guide, data, epochs=3, batch_size=200, device="cuda", progress=False, compile=compile)
+        assert result.compiled == compile
+        torch.manual_seed(1)
+        x = data.fixed_binarization(0).x[:300].cuda()
+        estimate = importance_estimate(model, guide, x, num_samples=50, compile=compile)
+        results.append((result.history["train_loss"].tolist(), estimate.log_likelihood.mean().item()))
+    (eager_curve, eager_ll), (compiled_curve, compiled_ll) = results
+    assert compiled_curve == pytest.approx(eager_curve, rel=1e-3)
+    assert compiled_ll == pytest.approx(eager_ll, rel=1e-3)

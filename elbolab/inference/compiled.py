@@ -51,8 +51,6 @@ from typing import Any
 import pyro
 import torch
 from torch import Tensor, nn
-from torch._inductor.compile_fx import compile_fx
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from elbolab.contract import Contract
@@ -165,10 +163,16 @@ class PairTracer:
             self.prepare(key, program, inputs)
         return self.call(key, *inputs)
 
-    def prepare(self, key: Any, program: Callable[..., list[Tensor]], inputs: tuple[Any, ...]) -> None:
-        """Trace ``program`` as the graph of ``key``, on ``inputs``: examples, copies of any that it updates in place."""
+    def prepare(self, key: Any, program: Callable[..., list[Tensor]], inputs: tuple[Any, ...],
+                fixed_inputs: tuple[Tensor, ...] = ()) -> None:
+        """Trace ``program`` as the graph of ``key``, on ``inputs``: examples, copies of any that it updates in place.
+
+        ``fixed_inputs``: tensors that every call will pass again, the same objects (the running
+        sums, the data); on CUDA they and the pair's state stay where they are in the CUDA
+        graph instead of being copied in at each replay.
+        """
         start = time.perf_counter()
-        self.graphs[key] = self._compile(program, inputs)
+        self.graphs[key] = self._compile(program, inputs, fixed_inputs)
         self.compile_seconds += time.perf_counter() - start
         self._uncalled.add(key)
 
@@ -184,7 +188,8 @@ class PairTracer:
         self._uncalled.discard(key)
         return outputs
 
-    def _compile(self, program: Callable[..., list[Tensor]], inputs: tuple[Tensor, ...]) -> _Graph:
+    def _compile(self, program: Callable[..., list[Tensor]], inputs: tuple[Tensor, ...],
+                 fixed_inputs: tuple[Tensor, ...] = ()) -> _Graph:
         buffer_names: list[str] = []  # the buffers that are inputs of the graph being traced
 
         def traced(params: list[Tensor], buffers: list[Tensor], *inputs: Tensor) -> list[Tensor]:
@@ -199,16 +204,24 @@ class PairTracer:
         if self.mode == "trace":
             return _Graph(graph, list(buffer_names))
         _scale_explicitly(graph)
-        # Inductor on the graph itself, without Dynamo: the trace is already a static ATen graph,
-        # and Dynamo's guards would cost a third of a small model's compiled step per call.
+        import torch._dynamo  # Dynamo and Inductor take seconds to import: only when compiling
+        from torch._inductor.compile_fx import compile_fx
+
+        # ATen's random kernels, drawing from torch's generators: the eager step's noise.
+        if any(t.is_cuda for t in pytree.tree_leaves(list(inputs)) if isinstance(t, Tensor)):
+            # CUDA graphs through torch.compile, which tells them which inputs keep their address:
+            # the pair's state and the fixed inputs, updated in place where they are.
+            for tensor in (*self.param_views, *(self.pair.get_buffer(name) for name in buffer_names), *fixed_inputs):
+                torch._dynamo.mark_static_address(tensor)
+            options = {"fallback_random": True, "triton.cudagraphs": True}
+            return _Graph(torch.compile(graph, dynamic=False, options=options), list(buffer_names))
+        # On the CPU, Inductor on the graph itself, without Dynamo: the trace is already a static
+        # ATen graph, and Dynamo's guards would cost a third of a small model's compiled step.
         graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs
         graph.recompile()
         example = [*self.param_views, *(self.pair.get_buffer(name) for name in buffer_names), *inputs]
         example = [t.clone() if isinstance(t, Tensor) else t for t in pytree.tree_leaves(example)]
-        cuda = any(t.is_cuda for t in example if isinstance(t, Tensor))
-        # ATen's random kernels, drawing from torch's generators: the eager step's noise.
-        options = {"fallback_random": True, "triton.cudagraphs": cuda}
-        compiled = compile_fx(graph, example, config_patches=options)
+        compiled = compile_fx(graph, example, config_patches={"fallback_random": True})
 
         def run(*tree: Any) -> list[Tensor]:
             return compiled(*pytree.tree_leaves(list(tree)))
@@ -228,6 +241,8 @@ class PairTracer:
         buffer_names[:] = [name for name in self.buffer_names if name not in saved]
         example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
         example_buffers = [buffers[name].clone() for name in buffer_names]
+        from torch.fx.experimental.proxy_tensor import make_fx  # seconds to import: only when tracing
+
         devices = [t.device for t in pytree.tree_leaves(list(inputs)) if isinstance(t, Tensor) and t.is_cuda][:1]
         try:
             with torch.random.fork_rng(devices=devices):
@@ -326,7 +341,8 @@ class CompiledStep:
         if key not in self.tracer.graphs:
             self.compiled_shapes.append(((points, *data.x.shape[1:]), *((points, *a.shape[1:]) for a in data.args)))
             example = (sums.tally.clone(), self.beta, batch_index, *source)  # the tally is updated in place
-            self.tracer.prepare(key, self._program(key, points, inside and data.dynamic, inside), example)
+            fixed = (sums.tally, self.beta, *(source if inside else ()))
+            self.tracer.prepare(key, self._program(key, points, inside and data.dynamic, inside), example, fixed)
         if getattr(self.objective, "supports_beta", False):
             self.beta.fill_(self.objective.beta)
         found_inf, *grads = self.tracer.call(key, sums.tally, self.beta, batch_index, *source)
