@@ -259,3 +259,13 @@ def test_an_estimate_that_cannot_be_traced_runs_eagerly_and_says_why(capsys):
     torch.manual_seed(5)
     eager = importance_estimate(model, guide, x, num_samples=20)
     assert torch.equal(compiled.log_likelihood, eager.log_likelihood)
+
+
+def test_a_graph_too_large_to_compile_in_reasonable_time_trains_eagerly_with_the_reason(digits, capsys):
+    # A flow's inverse under DReG unrolls into thousands of operations (9,300 here at z_dim 20).
+    pyro.set_rng_seed(0)
+    model = build_model(ModelConfig("vae", hidden=(16,), z_dim=20), 64)
+    guide = build_model_guide(GuideConfig("flow", flow_depth=2), model)
+    result = fit(model, guide, digits, objective="iwae-dreg:k=2", epochs=1, batch_size=400, progress=None, compile=True)
+    assert not result.compiled
+    assert "operations, which Inductor would take minutes to compile" in capsys.readouterr().err
