@@ -145,7 +145,9 @@ def _weights(model, guide):
 
 @pytest.mark.parametrize(
     ("build", "options"),
-    [(small_vae, {"objective": "elbo", "warmup": 2, "clip_grad_norm": 5.0}), (small_vqvae, {"objective": "elbo"})],
+    [(small_vae, {"objective": "elbo", "warmup": 2, "clip_grad_norm": 5.0}),
+     # Slow (cold Inductor compiles); its EMA update's add(alpha) is also checked by test_scaled_sums_...
+     pytest.param(small_vqvae, {"objective": "elbo"}, marks=pytest.mark.slow)],
     ids=["vae-warmup-clipped", "vqvae"],
 )
 def test_a_compiled_fit_follows_the_eager_one_and_resumes_bitwise(digits, tmp_path, build, options):
@@ -261,11 +263,13 @@ def test_an_estimate_that_cannot_be_traced_runs_eagerly_and_says_why(capsys):
     assert torch.equal(compiled.log_likelihood, eager.log_likelihood)
 
 
-def test_a_graph_too_large_to_compile_in_reasonable_time_trains_eagerly_with_the_reason(digits, capsys):
-    # A flow's inverse under DReG unrolls into thousands of operations (9,300 here at z_dim 20).
-    pyro.set_rng_seed(0)
-    model = build_model(ModelConfig("vae", hidden=(16,), z_dim=20), 64)
-    guide = build_model_guide(GuideConfig("flow", flow_depth=2), model)
-    result = fit(model, guide, digits, objective="iwae-dreg:k=2", epochs=1, batch_size=400, progress=None, compile=True)
+def test_a_graph_too_large_to_compile_in_reasonable_time_trains_eagerly_with_the_reason(digits, capsys, monkeypatch):
+    # A flow's inverse under DReG unrolls into thousands of operations (9,300 at z_dim 20, 350 s to
+    # compile); a small VAE's step (about 200) stands in for it under a lowered limit.
+    from elbolab.inference import compiled
+
+    monkeypatch.setattr(compiled, "MAX_GRAPH_NODES", 100)
+    model, guide = small_vae()
+    result = fit(model, guide, digits, epochs=1, batch_size=400, progress=None, compile=True)
     assert not result.compiled
-    assert "operations, which Inductor would take minutes to compile" in capsys.readouterr().err
+    assert "operations, which Inductor would take minutes to compile (more than 100" in capsys.readouterr().err
