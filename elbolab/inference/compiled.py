@@ -6,9 +6,12 @@ every step. So the step is run once under :func:`torch.fx.experimental.proxy_ten
 which records it below autograd, at the level of ATen operations: the model and guide, the
 objective, the backward pass, the gradient norm, clipping, the non-finite check and the epoch's
 running sums become one graph, with the sampling as ordinary random-number nodes
-(``aten.normal_``) and the batch, the parameters, the buffers, the KL weight beta and the batch's
-indices as its inputs. The graph is then compiled with Inductor (``torch.compile``); on CUDA
-its launches are captured in a CUDA graph (Inductor's ``triton.cudagraphs``). Fused Adam's
+(``aten.normal_``) and the data, the batch's indices, the parameters, the buffers, the KL
+weight beta and the running sums as its inputs (the batch is gathered, and dynamically
+binarized, inside the graph). The graph is then compiled by Inductor, on the CPU directly
+(``compile_fx``: the trace is already a static ATen graph, and Dynamo's guards would cost a
+third of a small step), on CUDA through ``torch.compile`` with its launches captured in a CUDA
+graph (``triton.cudagraphs``; the state is marked static, updated where it is). Fused Adam's
 kernel, already a single pass over the parameters and faster than Inductor's code for the
 same update, then applies the graph's gradients and its ``found_inf`` flag, called directly
 on the optimizer's state (:func:`_fused_adam_step`). This is what NumPyro does with JAX's jit:
@@ -30,7 +33,10 @@ What cannot be traced is refused by :class:`NotTraceable`, whose message names t
 and, where there is one, the line of the user's program: a read of a tensor's value on the
 host (``.item()``, ``bool()``, a Python branch on a tensor), an operation whose output shape
 depends on the values (``nonzero``, boolean masks), parameters outside the model's and guide's
-modules (``pyro.param`` sites of a plain function), an optimizer other than fused Adam.
+modules (``pyro.param`` sites of a plain function), an optimizer other than fused Adam, a
+graph of more than :data:`MAX_GRAPH_NODES` operations, a graph Inductor fails to compile.
+The same tracer, :class:`PairTracer`, compiles the chunks of the importance-sampled estimates
+(``importance_estimate(..., compile=True)``).
 :func:`~elbolab.inference.fit` then trains eagerly and says why. Python state that a model
 changes from step to step by itself (a counter it anneals on) is frozen at its traced value: the
 trace cannot see such state, so the model's author must not rely on it under ``compile``.
@@ -152,12 +158,11 @@ class PairTracer:
         self.compile_seconds = 0.0
 
     def holds_state_of(self, model: Any, guide: Any) -> bool:
-        """Whether the graphs still read this pair's parameters and buffers (``.to(device)`` replaces them)."""
+        """Whether the graphs still read this pair's parameters (``.to(device)`` replaces them; buffers are read at each call)."""
         pair = _Pair(model, guide)
-        params, buffers = dict(pair.named_parameters()), dict(pair.named_buffers())
+        params = dict(pair.named_parameters())
         same_params = all(params.get(name) is p for name, p in zip(self.param_names, self.params, strict=True))
-        return same_params and list(buffers) == self.buffer_names and all(
-            buffers[name] is self.pair.get_buffer(name) for name in self.buffer_names)
+        return same_params and [name for name, _ in pair.named_buffers()] == self.buffer_names
 
     def run(self, key: Any, program: Callable[..., list[Tensor]], *inputs: Any) -> list[Tensor]:
         """``program(model, guide, params, *inputs)``, from the graph of ``key`` (traced and compiled at its first call).
