@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elbolab import GaussianGuide, VAE, load_dataset
+from elbolab import VAE, GaussianGuide, load_dataset
 from elbolab.contract import check_pair
 from elbolab.guides import FlowGuide
 from elbolab.guides.hierarchical import BottomUpGuide

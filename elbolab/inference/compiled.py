@@ -265,7 +265,8 @@ class PairTracer:
         buffer_names[:] = [name for name in self.buffer_names if name not in saved]
         example_params = [p.detach().clone().requires_grad_(p.requires_grad) for p in self.params]
         example_buffers = [buffers[name].clone() for name in buffer_names]
-        from torch.fx.experimental.proxy_tensor import make_fx  # seconds to import: only when tracing
+        # Seconds to import: only when tracing.
+        from torch.fx.experimental.proxy_tensor import make_fx
 
         devices = [t.device for t in pytree.tree_leaves(list(inputs)) if isinstance(t, Tensor) and t.is_cuda][:1]
         try:
@@ -509,7 +510,7 @@ def _integer_indexing(node: torch.fx.Node) -> bool:
     if node.target not in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default):
         return False
     indices = [index for index in node.args[1] if isinstance(index, torch.fx.Node)]
-    return all(not index.meta["val"].dtype in (torch.bool, torch.uint8) for index in indices)
+    return all(index.meta["val"].dtype not in (torch.bool, torch.uint8) for index in indices)
 
 
 def _depends_on_inputs(node: torch.fx.Node) -> bool:

@@ -372,7 +372,8 @@ def _weight_chunks(
 
 def _evaluation_tracer(model: Any, guide: Any, x: Tensor, args: tuple[Tensor, ...], contract: Contract) -> Any:
     """A :class:`~elbolab.inference.compiled.PairTracer` for the estimate, once the rows are checked; ``None`` if the pair rules it out."""
-    from elbolab.inference.checks import check_rows  # checks sizes its passes with this module's chunks
+    # checks sizes its passes with this module's chunks: imported here, not at the top
+    from elbolab.inference.checks import check_rows
 
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # the estimate's draws as without compile
         check_rows(model, guide, x, args, contract)
