@@ -15,7 +15,6 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from elbolab.contract import check_pair
-from elbolab.data import load_dataset
 from elbolab.errors import InputError
 from elbolab.families import FAMILIES, build_model, build_model_guide
 from elbolab.guides import GaussianGuide, GuideConfig
@@ -121,11 +120,6 @@ def test_the_traced_step_gives_the_eager_step_s_loss_gradients_and_update_for_th
 
 
 # Through fit, with Inductor.
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train", binarize="dynamic")
 
 
 def small_vae(seed=0):

@@ -15,11 +15,6 @@ from elbolab.inference.training_checkpoint import read_checkpoint
 from elbolab.models import VAE, Autoencoder
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train", binarize="dynamic")
-
-
 def small_vae(seed=0):
     pyro.set_rng_seed(seed)
     return VAE(64, 4, hidden=(32,)), GaussianGuide(64, 4, hidden=(32,))

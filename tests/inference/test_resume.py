@@ -21,11 +21,6 @@ from elbolab.models import VAE, VQVAE
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", "train", binarize="dynamic")
-
-
-@pytest.fixture(scope="module")
 def valid():
     return load_dataset("digits", "valid", binarize="dynamic")
 
