@@ -74,6 +74,9 @@ class Contract:
         local_latents: latent sites inside the data plate, one value per data point.
         global_latents: latent sites outside it, shared by every data point.
         auxiliary: guide sites marked ``infer={"is_auxiliary": True}`` (an auto guide's joint variable).
+        enumerated: the model's discrete latents inside the data plate that the guide does not
+            sample and that are marked ``infer={"enumerate": "parallel"}`` (or by Pyro's
+            ``config_enumerate``): every objective and estimator sums them out exactly, per data point.
         not_reparameterized: guide sites whose distribution has no reparameterized sampler.
         plate_nesting: how many plates deep model and guide nest (where a particle plate goes).
         input_support: ``(site, support)`` when the model's one observed site observes its input
@@ -93,6 +96,7 @@ class Contract:
     not_reparameterized: tuple[str, ...]
     plate_nesting: int
     input_support: tuple[str, Any] | None = None
+    enumerated: tuple[str, ...] = ()
 
     @property
     def plates(self) -> frozenset[str]:
@@ -166,8 +170,8 @@ def check_pair(model: Callable[..., Any], guide: Callable[..., Any], args: tuple
     """Trace ``guide(*args)`` and ``model(*args)`` replayed on it once; compare their sites.
 
     Refused, each with an :class:`~elbolab.errors.InputError` naming the sites: a latent of the
-    model that the guide does not sample (or marks for enumeration, which elbolab does not do
-    yet); a guide site the model does not have or observes; a latent inside the data plate in
+    model that the guide does not sample, unless it is a discrete site inside the data plate marked
+    for parallel enumeration (which the objectives sum out; see :func:`_check_enumerated`); a guide site the model does not have or observes; a latent inside the data plate in
     one program and outside it in the other; a guide value of another shape than the model's
     site, or outside its support; observed data outside their site's support (non-binary data
     under a Bernoulli likelihood, with the rows named); a model without observed sites or
@@ -298,12 +302,13 @@ def _compare(model: Callable[..., Any], model_trace: poutine.Trace, guide_trace:
         raise InputError("the model observes no data: no sample site has obs=..., so there is nothing to weigh")
     auxiliary = [n for n, s in guide_sites.items() if s["infer"].get("is_auxiliary")]
     guide_latents = [n for n, s in guide_sites.items() if not s["infer"].get("is_auxiliary") and not s["is_observed"]]
-    for name, site in latents:
-        if site["infer"].get("enumerate"):
-            raise InputError(
-                f"the model's discrete site {name!r} is marked for enumeration (infer={{'enumerate': ...}}); "
-                "elbolab's objectives and estimators do not sum out discrete latents yet: sample it in the guide"
-            )
+    frame = _find_data_plate(model, observed, batch_size)
+    enumerated = [(n, s) for n, s in latents if s["infer"].get("enumerate") and n not in guide_sites]
+    for name, site in enumerated:
+        _check_enumerated(name, site, frame.name)
+    summed_out = {n for n, _ in enumerated}
+    latents = [(n, s) for n, s in latents if n not in summed_out]
+    for name, _ in latents:
         if name not in guide_sites or guide_sites[name]["infer"].get("is_auxiliary"):
             raise InputError(
                 f"the model's latent site {name!r} is not sampled by the guide (the guide samples "
@@ -318,7 +323,6 @@ def _compare(model: Callable[..., Any], model_trace: poutine.Trace, guide_trace:
         if model_sites[name]["is_observed"]:
             raise InputError(f"the guide samples {name!r}, which the model observes (obs=...); a guide samples latents only")
 
-    frame = _find_data_plate(model, observed, batch_size)
     data_plate, data_dim = frame.name, frame.dim
     full_size = frame.full_size if frame.full_size is not None and frame.full_size != frame.size else None
     for name, site in observed:
@@ -365,10 +369,46 @@ def _compare(model: Callable[..., Any], model_trace: poutine.Trace, guide_trace:
         global_latents=tuple(global_),
         auxiliary=tuple(auxiliary),
         not_reparameterized=not_reparameterized,
+        enumerated=tuple(n for n, _ in enumerated),
         plate_nesting=max(
             (-f.dim for trace in (model_sites, guide_sites) for s in trace.values() for f in _plates(s)), default=0
         ),
     )
+
+
+def _check_enumerated(name: str, site: dict, data_plate: str) -> None:
+    """Refuse a site marked for enumeration that elbolab cannot sum out exactly per data point.
+
+    Summed out are discrete sites with an enumerable support, marked ``"parallel"``, inside the
+    data plate and in no plate nested in it: their values are laid out on dims left of every
+    plate (and of the particle plate), and a point's weight is the logsumexp over those dims of
+    the sum of its sites' log densities. A discrete latent outside the data plate would couple
+    every point's sum; one inside a nested plate would need a sum per nested element before the
+    product over them.
+    """
+    how = site["infer"].get("enumerate")
+    if how != "parallel":
+        raise InputError(
+            f"the model's discrete site {name!r} is marked infer={{'enumerate': {how!r}}}; elbolab sums out "
+            "sites marked 'parallel' (config_enumerate's default): mark it so"
+        )
+    if not getattr(site["fn"], "has_enumerate_support", False):
+        raise InputError(
+            f"the model's site {name!r} ({type(site['fn']).__name__}) is marked for enumeration, but its "
+            "distribution has no finite support to enumerate"
+        )
+    plates = [f.name for f in _plates(site)]
+    if data_plate not in plates:
+        raise InputError(
+            f"the model's discrete site {name!r} is marked for enumeration but sits outside the data plate "
+            f"{data_plate!r} (a global discrete latent): elbolab sums out per-point discrete latents only; "
+            "sample it in the guide, or train with Pyro's TraceEnum_ELBO"
+        )
+    if len(plates) > 1:
+        raise InputError(
+            f"the model's discrete site {name!r} is marked for enumeration inside plates {plates}; elbolab sums "
+            f"out discrete latents directly inside the data plate {data_plate!r}, not in plates nested in it"
+        )
 
 
 def _check_observed(name: str, site: dict, data_dim: int, offset: int = 0) -> None:

@@ -13,7 +13,8 @@ inside ``pyro.plate("data")``, and every latent site is a ``Delta`` at its const
 carries the log-Jacobian of the inverse transform as its log density. Because one distribution
 covers every site, a mixture or a flow can capture dependence between sites. Latents outside the
 data plate (global latents) get a non-amortized distribution of the same family: the family's
-network fed a constant input, so its output weights are the distribution's parameters.
+network fed a constant input, so its output weights are the distribution's parameters. Discrete
+sites marked for enumeration get no part of ``u``: the objectives sum them out of the model.
 """
 
 from __future__ import annotations
@@ -129,10 +130,13 @@ class AutoAmortizedGuide(nn.Module):
             if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
                 continue
             fn = site["fn"]
+            if site["infer"].get("enumerate"):
+                continue  # summed out by the objectives and estimators (the pair's contract checks how)
             if fn.support.is_discrete:
                 raise InputError(
-                    f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}); "
-                    "enumerating discrete latents is not supported"
+                    f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}) and not marked for "
+                    "enumeration; mark it infer={'enumerate': 'parallel'} (or wrap the model in Pyro's "
+                    "config_enumerate) and every objective and estimator sums it out exactly"
                 )
             frames = [f for f in site["cond_indep_stack"] if f.vectorized]
             if any(f.name == frame.name for f in frames):

@@ -31,6 +31,7 @@ from elbolab.contract import pair_contract, refuse_not_reparameterized
 from elbolab.errors import InputError
 from elbolab.inference.traces import (
     detached_guide_trace,
+    enumerated_log_joint,
     max_plate_nesting,
     run_traced,
     sample_sites,
@@ -82,13 +83,22 @@ class ELBO(pyro.infer.ELBO):
         """``-ELBO_beta`` summed over the batch, averaged over particles; differentiable."""
         contract = pair_contract(model, guide, args, kwargs)
         refuse_not_reparameterized(contract, "the ELBO's pathwise gradient")
-        if self.num_particles > 1 and self.plate_nesting is None:
+        if (self.num_particles > 1 or contract.enumerated) and self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
+        if contract.enumerated and self.analytic_kl:
+            raise InputError(
+                f"elbo-analytic: the model sums out its discrete site {contract.enumerated[0]!r} (enumerated), so the "
+                "prior of the guide's latents is a mixture over its values, whose KL has no closed form: use 'elbo'"
+            )
         model_trace, guide_trace = run_traced(
-            model, guide, args, kwargs, self.num_particles, self.plate_nesting or 0
+            model, guide, args, kwargs, self.num_particles, self.plate_nesting or 0, enumerated=bool(contract.enumerated)
         )
         log_lik: Tensor | float = 0.0
         kl: Tensor | float = 0.0
+        if contract.enumerated:
+            # Per point, the discrete sites summed out: log p(x | z) = log p(x, z) - log p(z).
+            log_joint, log_latent, scale = enumerated_log_joint(model_trace, self.plate_nesting, contract)
+            log_lik, kl = scale * (log_joint - log_latent).sum(), -scale * log_latent.sum()
         if self.analytic_kl:
             for name, site in sample_sites(guide_trace):
                 if name not in model_trace.nodes or isinstance(site["fn"], dist.Delta):
@@ -99,6 +109,8 @@ class ELBO(pyro.infer.ELBO):
                     )
             _check_sampling_order(model_trace, guide_trace)
         for name, site in sample_sites(model_trace):
+            if contract.enumerated and any(f.name in contract.plates for f in site["cond_indep_stack"]):
+                continue  # in the enumerated terms above
             if site["is_observed"]:
                 log_lik = log_lik + site_log_prob(site).sum()
             elif self.analytic_kl:

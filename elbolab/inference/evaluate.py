@@ -341,7 +341,7 @@ def _weight_chunks(
 
     def weights_of(model: Any, guide: Any, rows: Tensor, batch: tuple[Tensor, ...], samples: int) -> tuple[Tensor, Tensor]:
         with DataPlateScale(contract.plates, 1.0, rows):
-            model_trace, guide_trace = run_traced(model, guide, batch, {}, samples, nesting)
+            model_trace, guide_trace = run_traced(model, guide, batch, {}, samples, nesting, enumerated=bool(contract.enumerated))
         return model_trace, guide_trace
 
     def weights(chunk: Chunk) -> tuple[Tensor, Tensor]:

@@ -97,7 +97,9 @@ class IWAE(pyro.infer.ELBO):
         if self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         k, nesting = self.num_particles, self.plate_nesting
-        model_trace, guide_trace = run_traced(model, guide, args, kwargs, k, nesting, proxy_latents=self.gradient == "dreg")
+        model_trace, guide_trace = run_traced(
+            model, guide, args, kwargs, k, nesting, proxy_latents=self.gradient == "dreg", enumerated=bool(contract.enumerated)
+        )
         q_trace = None
         if self.gradient != "standard":
             q_trace = detached_guide_trace(guide, guide_trace, args, kwargs, k, nesting)

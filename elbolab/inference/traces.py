@@ -14,6 +14,7 @@ __all__ = [
     "data_plate_dim",
     "data_plate_of",
     "detached_guide_trace",
+    "enumerated_log_joint",
     "importance_terms",
     "local_latent_sites",
     "log_weights_per_point",
@@ -59,11 +60,17 @@ def run_traced(
     num_particles: int = 1,
     plate_nesting: int = 0,
     proxy_latents: bool = False,
+    enumerated: bool = False,
 ) -> tuple[Trace, Trace]:
     """Trace ``guide(*args)``, then ``model(*args)`` replayed on the guide's samples.
 
     With ``num_particles > 1`` both run inside ``pyro.plate("particles", K)`` at dim
     ``-(plate_nesting + 1)``, so every site gains a leading particle dimension.
+
+    With ``enumerated`` (the contract's ``enumerated`` sites), the model runs under Pyro's
+    parallel enumeration: each site marked ``infer={"enumerate": "parallel"}`` that the guide does
+    not sample takes all its values at once, on its own dim left of the particle plate (from
+    ``-(plate_nesting + 2)`` leftwards), and :func:`enumerated_log_joint` sums them out.
 
     With ``proxy_latents``, the model is replayed on *proxies* of the guide's latent values (an
     identity view of each), and the returned guide trace holds the proxies. Gradients from log
@@ -77,8 +84,11 @@ def run_traced(
     guide_trace = guide_tracer.trace
     if proxy_latents:
         guide_trace = _with_proxies(guide_trace)
+    # Outside replay: a site the guide samples is replayed (done) before enumeration sees it.
+    enumeration = poutine.enum(first_available_dim=-(plate_nesting + 2)) if enumerated else contextlib.nullcontext()
     with (
         poutine.trace() as model_tracer,
+        enumeration,
         poutine.replay(trace=guide_trace),
         _particles(num_particles, plate_nesting),
     ):
@@ -295,6 +305,59 @@ def _in_plates(site: dict, plates: frozenset[str] | set[str]) -> bool:
     return any(frame.name in plates for frame in site["cond_indep_stack"])
 
 
+def _data_plate_scale(scale: Any, name: str, common: Any) -> Any:
+    """The one scale of the data plate's sites: ``common`` so far, checked against site ``name``'s."""
+    scale = 1.0 if scale is None else scale
+    if common is not None and scale is not common and scale != common:
+        raise InputError(
+            f"importance-weighted objectives and enumeration weigh each data point's sites together, which needs one "
+            f"scale on every site of the data plate; site {name!r} has {scale}, another {common}"
+        )
+    return scale
+
+
+def enumerated_log_joint(model_trace: Trace, plate_nesting: int, contract: Contract) -> tuple[Tensor, Tensor, float]:
+    """Per particle and data point, the model's enumerated sites summed out: ``[K, N]`` twice, and the data scale.
+
+    For a model trace run under enumeration (:func:`run_traced` with ``enumerated``), with the
+    enumerated values of a point's discrete latents ``c`` on dims left of every plate,
+
+        log p(x_n, z_n) = log sum_c p(x_n, z_n, c),    log p(z_n) = log sum_c p(z_n, c),
+
+    where ``p(x_n, z_n, c)`` is the product of the densities of every site inside the data plate
+    (sites in plates nested in it are first multiplied over those plates: no enumerated site sits
+    in them, see :mod:`elbolab.contract`). ``log p(x_n | z_n)`` is their difference. Densities
+    are taken without the data plate's scale, which is returned to apply after the sum over ``c``:
+    a scale inside the logsumexp would weigh the mixture's terms, not the point.
+    """
+    data_dim = data_plate_dim(model_trace, contract.data_plate)
+    particle_dim = -(plate_nesting + 1)
+    batch_dims = plate_nesting + 1
+    nested = [d for d in range(-batch_dims, 0) if d not in (particle_dim, data_dim)]
+    joint: Tensor | float = 0.0
+    latent: Tensor | float = 0.0
+    scale = None
+    for name, site in sample_sites(model_trace):
+        if not _in_plates(site, contract.plates):
+            continue
+        scale = _data_plate_scale(site["scale"], name, scale)
+        term = site_log_prob(site, scaled=False)
+        if term.dim() < batch_dims:
+            term = term.reshape((1,) * (batch_dims - term.dim()) + tuple(term.shape))
+        if nested:
+            term = term.sum(nested, keepdim=True)
+        joint = joint + term
+        if not site["is_observed"]:
+            latent = latent + term
+    summed = []
+    for total in (joint, latent):
+        enum_dims = list(range(total.dim() - batch_dims))
+        total = total.logsumexp(enum_dims) if enum_dims else total
+        summed.append(per_point(total, particle_dim, data_dim))
+    log_joint, log_latent = torch.broadcast_tensors(*summed)
+    return log_joint, log_latent, float(scale)
+
+
 def log_weights_per_point(
     model_trace: Trace, guide_trace: Trace, plate_nesting: int, contract: Contract
 ) -> tuple[Tensor, Tensor]:
@@ -311,8 +374,11 @@ def log_weights_per_point(
     plates = contract.plates
     log_weight: Tensor | float = 0.0
     log_lik: Tensor | float = 0.0
+    if contract.enumerated:
+        log_joint, log_latent, scale = enumerated_log_joint(model_trace, plate_nesting, contract)
+        log_weight, log_lik = scale * log_joint, scale * (log_joint - log_latent)
     for _, site in sample_sites(model_trace):
-        if not _in_plates(site, plates):
+        if contract.enumerated or not _in_plates(site, plates):
             continue
         term = per_point(site_log_prob(site), particle_dim, data_dim)
         log_weight = log_weight + term
@@ -347,19 +413,16 @@ def importance_terms(
     local: Tensor | None = None
     global_: Tensor | float = 0.0
     data_scale: Any = None
+    if contract.enumerated:
+        local, _, data_scale = enumerated_log_joint(model_trace, plate_nesting, contract)
     for trace, sign in ((model_trace, 1.0), (q_trace if q_trace is not None else guide_trace, -1.0)):
         for name, site in sample_sites(trace):
             if sign < 0 and site["is_observed"]:
                 continue
             if _in_plates(site, plates):
-                scale = 1.0 if site["scale"] is None else site["scale"]
-                if data_scale is None:
-                    data_scale = scale
-                elif scale is not data_scale and scale != data_scale:
-                    raise InputError(
-                        f"importance-weighted objectives weigh each data point's sites together, which needs one "
-                        f"scale on every site of the data plate; site {name!r} has {scale}, another {data_scale}"
-                    )
+                if sign > 0 and contract.enumerated:
+                    continue  # in the enumerated joint already
+                data_scale = _data_plate_scale(site["scale"], name, data_scale)
                 term = per_point(site_log_prob(site, scaled=False), particle_dim, data_dim)
                 # Every op here is one more node in the backward pass of every training step.
                 local = (term if sign > 0 else -term) if local is None else (local + term if sign > 0 else local - term)

@@ -109,11 +109,11 @@ def test_a_chunk_that_runs_out_of_memory_is_halved_and_the_estimate_kept(synthet
     sizes = []
     run_traced = evaluate.run_traced
 
-    def small_device(model, guide, args, kwargs, k, nesting):
+    def small_device(model, guide, args, kwargs, k, nesting, **options):
         sizes.append(k)
         if k > 100:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return run_traced(model, guide, args, kwargs, k, nesting)
+        return run_traced(model, guide, args, kwargs, k, nesting, **options)
 
     monkeypatch.setattr(evaluate, "run_traced", small_device)
     estimate = importance_estimate(model, guide, x, num_samples=1000)
@@ -121,7 +121,7 @@ def test_a_chunk_that_runs_out_of_memory_is_halved_and_the_estimate_kept(synthet
     assert (estimate.log_likelihood - model.log_likelihood(x)).abs().max() < 0.01
     assert torch.allclose(estimate.ess, torch.full_like(estimate.ess, 1000.0), rtol=1e-3)
 
-    def out_of_memory_always(*args):
+    def out_of_memory_always(*args, **options):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(evaluate, "run_traced", out_of_memory_always)
