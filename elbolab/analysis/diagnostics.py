@@ -233,15 +233,26 @@ def to_inference_data(
         """Every array of the chunk's points, ``[S, n, ...]`` (observed data: ``[n, ...]``)."""
         n = chunk.size
         with DataPlateScale(contract.plates, 1.0, chunk.rows):
-            model_trace, guide_trace = run_traced(model, guide, chunk.batch, {}, num_samples, nesting)
+            model_trace, guide_trace = run_traced(
+                model, guide, chunk.batch, {}, num_samples, nesting, enumerated=bool(contract.enumerated)
+            )
         check_traced_rows(model_trace, contract, chunk.start)
         data_dim = data_plate_dim(model_trace, contract.data_plate)
         part: dict[str, dict[str, np.ndarray]] = {"posterior": {}, "replicated": {}, "observed": {}, "log_lik": {}}
         for name, site in local_latent_sites(model_trace, "to_inference_data", plate=contract.data_plate):
+            if name in contract.enumerated:
+                continue  # summed out: it has no draws
             shapes[name] = _point_shape(site, data_dim)
             part["posterior"][name] = _numpy(site["value"], num_samples, n, shapes[name])
         for name in observed_names:
             site = model_trace.nodes[name]
+            if len(site["fn"].batch_shape) > nesting + 1:
+                raise InputError(
+                    f"to_inference_data: the observed site {name!r} depends on the enumerated site(s) "
+                    f"{', '.join(map(repr, contract.enumerated))}, so its replicated draws and pointwise log-likelihood "
+                    "would need draws of them from their posterior, which elbolab does not take; importance_estimate "
+                    "and importance_diagnostics sum them out"
+                )
             shapes[name] = _point_shape(site, data_dim)
             part["replicated"][name] = _numpy(site["fn"].sample(), num_samples, n, shapes[name])
             part["observed"][name] = site["value"].reshape(n, *shapes[name]).cpu().numpy()

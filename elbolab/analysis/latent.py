@@ -353,7 +353,12 @@ def kl_per_dimension(model: Model, guide: Guide, x: Tensor) -> pd.DataFrame:
         A DataFrame with columns ``site``, ``dim`` and ``kl``.
     """
     x = _guide_points(guide, x)
-    pair_contract(model, guide, (x,))
+    contract = pair_contract(model, guide, (x,))
+    if contract.enumerated:
+        raise InputError(
+            f"KL per dimension needs a Gaussian prior per site; the model sums out its discrete site "
+            f"{contract.enumerated[0]!r}, which makes the prior of the guide's latents a mixture without a closed-form KL"
+        )
     with pyro.validation_enabled(False):
         model_trace, guide_trace = run_traced(model, guide, (x,), {})
     rows = []

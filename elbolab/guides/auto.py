@@ -38,6 +38,7 @@ from elbolab.contract import find_data_plate, floating_dtype, trace_model
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError, closest_names
 from elbolab.guides.config import GUIDE_CLASSES
+from elbolab.param_store import register
 
 FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "flow_depth", "flow_hidden")}
 
@@ -175,6 +176,7 @@ class AutoAmortizedGuide(nn.Module):
             pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=event_dim))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         if tuple(x.shape[1:]) != self.x_shape:
             raise InputError(
                 f"AutoAmortizedGuide was built for data points of shape {self.x_shape} (its x_example), "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from elbolab.errors import InputError
 from elbolab.models.cvae import as_condition
+from elbolab.param_store import register
 
 
 class ConditionalGuide(nn.Module):
@@ -36,6 +37,7 @@ class ConditionalGuide(nn.Module):
         self.y_dim = y_dim
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         if y is None:
             raise InputError("a conditional guide needs the conditioning y that the model is given")
         if not y.is_floating_point():

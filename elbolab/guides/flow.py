@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from elbolab.config import is_integer
 from elbolab.errors import InputError, closest_names
 from elbolab.nn import mlp
+from elbolab.param_store import register
 
 SPLINE_BINS = 8
 SPLINE_MIN_DERIVATIVE = 1e-3  # Pyro's default for its splines
@@ -149,6 +150,7 @@ class FlowGuide(nn.Module):
         return dist.TransformedDistribution(base, transforms)
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         q = self.distribution(x)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample(self.site, q)

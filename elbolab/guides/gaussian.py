@@ -15,6 +15,7 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 
 from elbolab.nn import GaussianEncoder
+from elbolab.param_store import register
 
 
 class GaussianGuide(nn.Module):
@@ -59,6 +60,7 @@ class GaussianGuide(nn.Module):
         return dist.Normal(loc, scale).to_event(1)
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         q = self.distribution(x)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample(self.site, q)

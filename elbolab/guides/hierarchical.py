@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from elbolab.models.hierarchical import HierarchicalVAE
 from elbolab.nn import GaussianEncoder, mlp
+from elbolab.param_store import register
 
 MIN_SCALE = 1e-4
 
@@ -59,6 +60,7 @@ class BottomUpGuide(nn.Module):
         )
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         below = x
         with pyro.plate("data", x.shape[0]):
             for level, encoder in enumerate(self.encoders, start=1):
@@ -97,6 +99,7 @@ class LadderGuide(nn.Module):
         self.trunks, self.heads = nn.ModuleList(trunks), nn.ModuleList(heads)
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         estimates, features = [], x
         for trunk, head in zip(self.trunks, self.heads, strict=True):
             features = trunk(features)

@@ -26,6 +26,7 @@ from elbolab.config import is_integer
 from elbolab.distributions import DiagonalGaussianMixture
 from elbolab.errors import InputError
 from elbolab.nn import mlp
+from elbolab.param_store import register
 
 
 class MixtureGuide(nn.Module):
@@ -84,6 +85,7 @@ class MixtureGuide(nn.Module):
         return logits, params[..., 0, :], F.softplus(params[..., 1, :]) + self.min_scale
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         q = self.distribution(x)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample(self.site, q)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from elbolab.models.vqvae import VQVAE
 from elbolab.nn import mlp
+from elbolab.param_store import register
 
 
 class NearestCodeGuide(nn.Module):
@@ -50,6 +51,7 @@ class NearestCodeGuide(nn.Module):
         return self.codebook.nearest(self.encode(x))
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         z_e = self.encode(x)
         codes = self.codebook.nearest(z_e.detach())
         z_q = self.codebook.embeddings[codes]  # a copy: the update below moves the codebook in place

@@ -337,6 +337,8 @@ class CompiledStep:
         plain = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                  "decoupled_weight_decay": False}
         one_kind = len({(p.device, p.dtype) for p in params}) == 1
+        if getattr(objective, "computes_own_gradients", False):
+            raise NotTraceable(f"Pyro's {objective.name} back-propagates inside its loss_and_grads, which a traced graph cannot hold")
         if type(optimizer) is not torch.optim.Adam or not optimizer.defaults.get("fused") or len(optimizer.param_groups) != 1 \
                 or any(optimizer.defaults.get(name, value) != value for name, value in plain.items()) or not one_kind:
             raise NotTraceable("the compiled step calls fused Adam's kernel itself, for one group of parameters of one "

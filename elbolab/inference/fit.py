@@ -51,7 +51,7 @@ from elbolab.inference.distributed import (
     rank_seed,
 )
 from elbolab.inference.evaluate import importance_estimate
-from elbolab.inference.objectives import get_objective, no_guide, parse_objective_spec
+from elbolab.inference.objectives import as_objective, get_objective, no_guide, parse_objective_spec
 from elbolab.inference.schedules import kl_warmup
 from elbolab.inference.staging import StagedData, as_matrix, per_point_args, validation_data
 from elbolab.inference.step import (
@@ -65,6 +65,7 @@ from elbolab.inference.step import (
 )
 from elbolab.inference.stopping import TrainingInterrupted, deferred_stop
 from elbolab.inference.training_checkpoint import Progress, RunCheckpoint
+from elbolab.programs import as_module
 
 
 @dataclass
@@ -261,6 +262,7 @@ def fit(
     device = group.device if group is not None else device
     leader = group is None or group.rank == 0
     guide = no_guide if guide is None else guide
+    model, guide = as_module(model), as_module(guide)  # modules behind a wrapper such as config_enumerate(model)
 
     # The data, checked and staged; the pair, checked against them.
     dtype = floating_dtype(model, guide)
@@ -404,7 +406,7 @@ def _settle_options(config: FitConfig | None, options: dict[str, Any]) -> tuple[
     if instance is not None:
         if objective_options or "particles" in fields:
             raise InputError("particles and objective options are for an objective given by name, not an instance")
-        objective, name = instance, type(instance).__name__
+        objective, name = as_objective(instance), type(instance).__name__
     else:
         name, spec_options = parse_objective_spec(config.objective)
         if both := sorted(spec_options.keys() & objective_options.keys()):
@@ -439,6 +441,11 @@ def _compiled_step(config: FitConfig, group: Any, model: Any, guide: Any, object
                    optimizer: torch.optim.Optimizer, contract: Any, train: StagedData,
                    say: bool) -> tuple[CompiledStep | None, str | None]:
     """The compiled step when ``config.compile`` asks for it and the pair allows it (``None``: eager), and why not."""
+    if group is not None and getattr(objective, "computes_own_gradients", False):
+        raise InputError(
+            f"Pyro's {objective.name} back-propagates inside its loss_and_grads, outside DistributedDataParallel's "
+            "gradient hooks: train it in one process"
+        )
     if not config.compile:
         return None, None
     if group is not None:

@@ -7,16 +7,26 @@ name here unchanged. Add one with :func:`register_objective`.
 
 from __future__ import annotations
 
-__all__ = ["OBJECTIVES", "Reconstruction", "get_objective", "no_guide", "parse_objective_spec", "register_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "Reconstruction",
+    "as_objective",
+    "get_objective",
+    "no_guide",
+    "parse_objective_spec",
+    "register_objective",
+]
 
 from collections.abc import Callable
 from typing import Any
 
+import pyro.infer
 from torch import Tensor
 
 from elbolab.errors import InputError, closest_names
 from elbolab.inference.elbo import ELBO
 from elbolab.inference.iwae import IWAE
+from elbolab.inference.pyro_objectives import PYRO_ELBOS, PyroObjective, pyro_objective
 from elbolab.inference.renyi import Renyi
 from elbolab.inference.traces import run_traced, sample_sites, site_log_prob
 
@@ -41,10 +51,13 @@ def get_objective(name: str, **kwargs: Any) -> Any:
     Example:
         >>> get_objective("elbo-analytic", num_particles=2)
     """
-    if name not in OBJECTIVES:
+    constructor = OBJECTIVES.get(name)
+    if name.startswith("pyro:"):
+        constructor = lambda **options: pyro_objective(name.removeprefix("pyro:"), **options)  # noqa: E731
+    if constructor is None:
         raise InputError(f"unknown objective {name!r}; {closest_names(name, OBJECTIVES)}")
     try:
-        return OBJECTIVES[name](**kwargs)
+        return constructor(**kwargs)
     except TypeError as error:
         raise InputError(f"objective {name!r}: {error}") from None
 
@@ -57,14 +70,23 @@ def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"renyi:alpha=0.5:k=5"`` -> ``("renyi", {"alpha": 0.5, "num_particles": 5})``.
 
     Options: ``k`` (particles) and ``alpha`` (Renyi order; ``-inf`` for VR-max). The name is
-    checked against the registry.
+    checked against the registry; ``pyro:NAME`` names one of Pyro's ELBOs
+    (:mod:`~elbolab.inference.pyro_objectives`), ``"pyro:RenyiELBO:alpha=0:k=5"``.
 
     Example:
         >>> parse_objective_spec("iwae-dreg:k=50")
         ('iwae-dreg', {'num_particles': 50})
     """
     name, *options = spec.strip().split(":")
-    if name not in OBJECTIVES:
+    if name == "pyro":  # "pyro:RenyiELBO:alpha=0:k=5": one of Pyro's ELBOs
+        if not options or options[0] not in PYRO_ELBOS:
+            given = options[0] if options else ""
+            raise InputError(
+                f"objective spec {spec!r}: pyro: names one of Pyro's ELBOs ({', '.join(PYRO_ELBOS)}); "
+                f"{closest_names(given, PYRO_ELBOS)}"
+            )
+        name, options = f"pyro:{options[0]}", options[1:]
+    elif name not in OBJECTIVES:
         raise InputError(f"unknown objective {name!r} in {spec!r}; {closest_names(name, OBJECTIVES)}")
     kwargs: dict[str, Any] = {}
     for option in options:
@@ -112,6 +134,22 @@ def _iwae_dreg(num_particles: int = 5, **kwargs: Any) -> IWAE:
 @register_objective("renyi")
 def _renyi(alpha: float = 0.5, num_particles: int = 5, **kwargs: Any) -> Renyi:
     return Renyi(alpha=alpha, num_particles=num_particles, **kwargs)
+
+
+def as_objective(objective: Any) -> Any:
+    """An objective instance ready for elbolab's step: Pyro's own ELBOs wrapped in :class:`PyroObjective`.
+
+    elbolab's objectives subclass ``pyro.infer.ELBO`` too and pass through, as does any object
+    with a ``differentiable_loss``; anything else is refused by name.
+    """
+    if isinstance(objective, pyro.infer.ELBO) and not isinstance(objective, ELBO | IWAE):
+        return PyroObjective(objective)
+    if not callable(getattr(objective, "differentiable_loss", None)):
+        raise InputError(
+            f"objective {type(objective).__name__} has no differentiable_loss(model, guide, *args): give a registry "
+            "name (elbo, iwae:k=5, ...), a pyro.infer.ELBO, or an object with that method"
+        )
+    return objective
 
 
 class Reconstruction:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
 
 from elbolab.contract import Contract, DataPlateScale
@@ -155,14 +155,22 @@ def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
 
 
 def collect_params(model: Any, guide: Any, objective: Any, batch: tuple[Tensor, ...]) -> list[Tensor]:
-    """Module parameters plus any ``pyro.param`` sites, found by one validated run of the loss.
+    """Every tensor to train, found by one validated run of the loss.
 
-    Tracing params (as Pyro's SVI does) supports plain Pyro functions that declare parameters
-    with ``pyro.param`` or ``pyro.module``; that first run also checks the model against the data.
+    Found: the parameters of the modules (the model and guide, or the modules behind a wrapper:
+    :func:`~elbolab.programs.as_module`); the ``pyro.param`` sites the run records, as Pyro's
+    SVI finds them (plain Pyro functions declare parameters so); and every leaf tensor with
+    ``requires_grad`` that the loss depends on, walking its autograd graph, so that a network a
+    function reaches in a way no wrapper shows (a global variable) is trained too. The first run
+    also checks the model against the data.
+
+    The param sites are recorded by a handler of their own, not Pyro's ``trace(param_only=True)``:
+    under that, elbolab's modules would enter Pyro's global param store (:mod:`elbolab.param_store`),
+    which would then keep every model ever trained alive.
     """
-    with poutine.trace(param_only=True) as param_capture:
+    with _ParamSites() as capture:
         try:
-            objective.differentiable_loss(model, guide, *batch)
+            loss = objective.differentiable_loss(model, guide, *batch)
         except ValueError as error:
             if isinstance(error, InputError):
                 raise
@@ -172,12 +180,55 @@ def collect_params(model: Any, guide: Any, objective: Any, batch: tuple[Tensor, 
     for module in (model, guide):
         if isinstance(module, nn.Module):
             found.update((id(p), p) for p in module.parameters() if p.requires_grad)
-    for site in param_capture.trace.nodes.values():
-        value = site["value"].unconstrained()
+    for value in capture.values:
         found.setdefault(id(value), value)
+    for leaf in _leaves(loss):
+        found.setdefault(id(leaf), leaf)
     if not found:
         raise InputError("the model and guide have no parameters to train")
+    if getattr(objective, "computes_own_gradients", False):
+        _check_registered(objective, found, capture.values)
     return list(found.values())
+
+
+def _leaves(loss: Any) -> list[Tensor]:
+    """The leaf tensors that require grad which ``loss`` depends on, from its autograd graph."""
+    if not isinstance(loss, Tensor) or loss.grad_fn is None:
+        return []
+    leaves, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf's gradient lands here
+        if isinstance(variable, Tensor) and variable.requires_grad:
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+class _ParamSites(Messenger):
+    """Records the unconstrained tensor of every ``pyro.param`` site run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[Tensor] = []
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        self.values.append(msg["value"].unconstrained())
+
+
+def _check_registered(objective: Any, found: dict[int, Tensor], registered_values: list[Tensor]) -> None:
+    """An objective that back-propagates itself trains only what Pyro's param sites show: refuse what it would miss."""
+    registered = {id(value) for value in registered_values}
+    if any(id(p) not in registered for p in found.values()):
+        raise InputError(
+            f"Pyro's {objective.name} computes gradients only for parameters in Pyro's param store, and some parameters "
+            "of this model or guide are not registered there (elbolab's own modules register themselves; call "
+            "pyro.module(name, self) in your module's forward), so they would never change: register them, or use "
+            "an elbolab objective"
+        )
 
 
 def data_plate_scale(contract: Contract, num_points: int, batch_points: int, batch_index: Tensor) -> Any:

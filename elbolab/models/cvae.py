@@ -27,6 +27,7 @@ from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
 from elbolab.nn import mlp
+from elbolab.param_store import register
 
 
 def as_condition(y: Tensor | int | Sequence[int], y_dim: int, n: int | None = None) -> Tensor:
@@ -101,6 +102,7 @@ class ConditionalVAE(nn.Module):
         return self
 
     def forward(self, x: Tensor | None = None, y: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         if y is None:
             raise InputError("a ConditionalVAE needs the conditioning y (labels [N] or a matrix [N, y_dim])")
         n = x.shape[0] if x is not None else (batch_size or y.shape[0])

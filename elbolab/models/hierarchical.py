@@ -29,6 +29,7 @@ from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
 from elbolab.nn import GaussianEncoder, mlp
+from elbolab.param_store import register
 
 
 class HierarchicalVAE(nn.Module):
@@ -92,6 +93,7 @@ class HierarchicalVAE(nn.Module):
         return self.top_down[level - 1](upper)
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         n = x.shape[0] if x is not None else (batch_size or 1)
         top = len(self.z_dims)
         with pyro.plate("data", n):

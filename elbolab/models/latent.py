@@ -48,6 +48,7 @@ from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood
 from elbolab.nn import mlp
+from elbolab.param_store import register
 
 RESERVED = ("x", "data")
 STANDARD_PARAMS = (0.0, 1.0)  # what params=None means for a location-scale prior
@@ -196,6 +197,7 @@ class LatentModel(nn.Module):
             )
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         n = x.shape[0] if x is not None else (batch_size or 1)
         values: dict[str, Tensor] = {}
         with pyro.plate("data", n):

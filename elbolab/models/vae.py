@@ -29,6 +29,7 @@ from elbolab.distributions import BernoulliRow
 from elbolab.errors import InputError, closest_names
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.nn import ACTIVATIONS, mlp
+from elbolab.param_store import register
 
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
 
@@ -238,6 +239,7 @@ class VAE(nn.Module):
         return self
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         n = x.shape[0] if x is not None else (batch_size or 1)
         with pyro.plate("data", n):
             z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
@@ -281,6 +283,7 @@ class Autoencoder(nn.Module):
         self.observation = Likelihood(x_dim, likelihood, obs_scale)
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         if x is None:
             raise InputError("an Autoencoder has no prior over codes and cannot generate; use a VAE")
         with pyro.plate("data", x.shape[0]):

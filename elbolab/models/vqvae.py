@@ -37,6 +37,7 @@ from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
 from elbolab.nn import mlp
+from elbolab.param_store import register
 
 
 class UniformCodebook(dist.TorchDistribution):
@@ -221,6 +222,7 @@ class VQVAE(nn.Module):
         return self
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
+        register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         n = x.shape[0] if x is not None else (batch_size or 1)
         with pyro.plate("data", n):
             z = pyro.sample("z", UniformCodebook(self.codebook.embeddings, self.num_codes))
