@@ -329,7 +329,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         pyro.set_rng_seed(args.seed)
         per_point, per_run = run.config.family.evaluate(run.model, run.guide, data.x.to(device), conditions,
                                                         num_samples=args.num_samples, progress=False if args.quiet else None,
-                                                        compile=args.compile)
+                                                        compile=args.compile, labels=data.y)
         metrics = {"elbolab_version": __version__, "split": args.split, "num_points": data.num_points}
         metrics |= {f"{args.split}_{name}": value for name, value in per_point.items()} | per_run
         metrics_path = path / METRICS_FILE

@@ -213,8 +213,17 @@ class _Indices(Messenger):
         self.indices = indices
 
     def _pyro_sample(self, msg: dict) -> None:
-        if site_is_subsample(msg) and msg["value"] is None and msg["fn"].subsample_size in (None, len(self.indices)):
+        # A plate that does not subsample keeps its own size: a plate nested in the data plate
+        # (of the points' parts, say) is not the batch's.
+        if site_is_subsample(msg) and msg["value"] is None and _draws_batch(msg["fn"], len(self.indices)):
             msg["value"] = self.indices
+
+
+def _draws_batch(subsample: Any, batch_size: int) -> bool:
+    """Whether a plate's subsample (Pyro's ``_Subsample``) would be the batch's ``batch_size`` rows."""
+    if subsample.subsample_size is None:
+        return subsample.size == batch_size
+    return subsample.subsample_size == batch_size
 
 
 def _sample_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:

@@ -1,5 +1,6 @@
 """Figures, comparisons, diagnostics and the latent space of trained models."""
 
+from elbolab.analysis.clustering import cluster_probabilities, clustering_accuracy
 from elbolab.analysis.compare import Comparison, compare, compare_runs, summarize, to_markdown
 from elbolab.analysis.diagnostics import (
     IMAGE_STATISTICS,
@@ -43,6 +44,8 @@ __all__ = [
     "Comparison",
     "Diagnosis",
     "active_units",
+    "cluster_probabilities",
+    "clustering_accuracy",
     "compare",
     "compare_runs",
     "diagnose",

@@ -26,7 +26,8 @@ def no_guide(config: GuideConfig, model: Autoencoder) -> None:
 
 
 def reconstruction_metrics(model: Autoencoder, guide: Any, x: Tensor, conditions: tuple[Tensor, ...], *,
-                           num_samples: int, progress: bool | None, compile: bool = False) -> Metrics:
+                           num_samples: int, progress: bool | None, compile: bool = False,
+                       labels: Tensor | None = None) -> Metrics:
     """-log p(x | decoder(encoder(x))) per data point: there is no ELBO and no log p(x) to report (one pass, eager)."""
     with torch.no_grad(), pyro.validation_enabled(False):
         loss = sum(Reconstruction().differentiable_loss(model, None, chunk).item() for chunk in x.split(1000))

@@ -40,7 +40,8 @@ Samples = tuple[Tensor, str, int]
 
 
 def importance_metrics(model: Any, guide: Any, x: Tensor, conditions: tuple[Tensor, ...], *, num_samples: int,
-                       progress: bool | None, compile: bool = False) -> Metrics:
+                       progress: bool | None, compile: bool = False,
+                       labels: Tensor | None = None) -> Metrics:
     """ELBO, importance-sampled log p(x) (K = ``num_samples``), reconstruction loss and ESS/K, per data point."""
     estimate = importance_estimate(model, guide, x, *conditions, num_samples=num_samples, progress=progress,
                                    compile=compile)
@@ -75,7 +76,9 @@ class Family:
         objectives: the objectives it trains under, or ``None`` for every objective of an ELBO.
         objective_refusal: why it takes only ``objectives``, and which to use: the refusal of another.
         conditioned_on_labels: whether the model takes one-hot class labels after ``x``.
-        evaluate: ``evaluate(model, guide, x, conditions, num_samples=, progress=, compile=)`` -> :data:`Metrics`.
+        evaluate: ``evaluate(model, guide, x, conditions, num_samples=, progress=, compile=, labels=)`` ->
+            :data:`Metrics`; ``labels`` are the split's class labels (``None`` when it has none), for
+            metrics that compare with them (a mixture model's clustering accuracy).
         sample: ``sample(model, n, label, num_classes)`` -> :data:`Samples`, or ``None`` when it cannot generate.
         no_diagnosis: why ``elbolab diagnose`` cannot read it, or ``None`` when it can.
         normalize: fills the family's defaults into a config and checks what only it needs.

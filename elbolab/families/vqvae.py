@@ -35,7 +35,8 @@ def nearest_code_guide(config: GuideConfig, model: VQVAE) -> NearestCodeGuide:
 
 
 def code_metrics(model: VQVAE, guide: NearestCodeGuide, x: Tensor, conditions: tuple[Tensor, ...], *,
-                 num_samples: int, progress: bool | None, compile: bool = False) -> Metrics:
+                 num_samples: int, progress: bool | None, compile: bool = False,
+                       labels: Tensor | None = None) -> Metrics:
     """A VQ-VAE's evaluation: its exact ELBO, reconstruction error and the information in its codes.
 
     The posterior is one-hot, so one sample gives the ELBO exactly, and the importance-sampled

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 __all__ = ["AutoAmortizedGuide"]
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pyro
 import pyro.distributions as dist
@@ -45,14 +46,23 @@ FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "
 
 @dataclass(frozen=True)
 class _Site:
-    """A latent site of the model: where its piece of u sits and how it is constrained."""
+    """A latent site of the model: where its piece of u sits and how it is constrained.
+
+    A local site's ``shape`` is one data point's block: its event shape, preceded by the sizes of
+    the plates nested in the data plate that it sits in (``nested``: name, size and dim of each,
+    as the model declares them); the point's block is moved to the data plate's dim,
+    ``data_position`` counted from the right of the value, when it is sampled.
+    """
 
     name: str
-    shape: torch.Size  # constrained value: the event shape (local) or the whole value (global)
+    shape: torch.Size  # constrained value: a point's block (local) or the whole value (global)
     unconstrained_shape: torch.Size
     support: constraints.Constraint
     start: int
     size: int
+    event_dim: int
+    nested: tuple[tuple[str, int, int], ...] = ()
+    data_position: int = 0
 
 
 def _latent_sites(sites: list[dict]) -> list[_Site]:
@@ -62,9 +72,34 @@ def _latent_sites(sites: list[dict]) -> list[_Site]:
         shape = site["shape"]
         unconstrained_shape = biject_to(support).inv.forward_shape(shape)
         size = math.prod(unconstrained_shape)
-        found.append(_Site(site["name"], shape, unconstrained_shape, support, start, size))
+        found.append(_Site(site["name"], shape, unconstrained_shape, support, start, size, site["event_dim"],
+                           site.get("nested", ()), site.get("data_position", 0)))
         start += size
     return found
+
+
+def _local_block(name: str, fn: Any, frames: list[Any], data: Any) -> dict:
+    """A latent site inside the data plate: one point's block of values, and the plates nested around it.
+
+    The site's batch shape must be the plates' sizes at their dims (one value per point and per
+    element of each nested plate), so that a point's block is the value with the data dim taken out.
+    """
+    batch_shape = tuple(fn.batch_shape)
+    nested = [f for f in frames if f.name != data.name]
+    expected = [1] * max([-f.dim for f in frames], default=0)
+    for f in frames:
+        expected[f.dim] = f.size
+    if batch_shape != tuple(expected):
+        raise InputError(
+            f"AutoAmortizedGuide: latent site {name!r} in plates {[f.name for f in frames]} has batch shape "
+            f"{list(batch_shape)}; a latent inside the data plate {data.name!r} must have one value per data point and "
+            f"per element of each plate around it (batch shape {expected})"
+        )
+    block = torch.Size([size for dim, size in enumerate(batch_shape) if dim - len(batch_shape) != data.dim]) + fn.event_shape
+    return {
+        "name": name, "fn": fn, "shape": block, "event_dim": len(fn.event_shape),
+        "nested": tuple((f.name, f.size, f.dim) for f in nested), "data_position": -data.dim,
+    }
 
 
 class AutoAmortizedGuide(nn.Module):
@@ -141,19 +176,14 @@ class AutoAmortizedGuide(nn.Module):
                 )
             frames = [f for f in site["cond_indep_stack"] if f.vectorized]
             if any(f.name == frame.name for f in frames):
-                if len(frames) > 1 or tuple(fn.batch_shape) != (frame.size,):
-                    raise InputError(
-                        f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]}; "
-                        f"latents inside the data plate {frame.name!r} must have one value per data point (batch shape [N])"
-                    )
-                local.append({"name": name, "fn": fn, "shape": fn.event_shape})
+                local.append(_local_block(name, fn, frames, frame))
             else:
                 if frames:
                     raise InputError(
                         f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]} outside the "
                         f"data plate {frame.name!r}; a global latent must sit outside every plate"
                     )
-                global_.append({"name": name, "fn": fn, "shape": site["value"].shape})
+                global_.append({"name": name, "fn": fn, "shape": site["value"].shape, "event_dim": site["value"].dim()})
         if not local and not global_:
             raise InputError("AutoAmortizedGuide: the model has no latent sample site")
         return local, global_, frame
@@ -163,17 +193,29 @@ class AutoAmortizedGuide(nn.Module):
         """Split u into the sites' pieces; sample each site as a Delta at its constrained value.
 
         Each Delta carries ``log |det du_s / dz_s|``, so the guide's log density of the sites is
-        ``log q(u) + sum_s log |det du_s / dz_s|`` (Pyro's ``AutoContinuous`` does the same).
+        ``log q(u) + sum_s log |det du_s / dz_s|`` (Pyro's ``AutoContinuous`` does the same). A
+        site in plates nested in the data plate is sampled inside them, as in the model, with
+        the point's block laid out as the model lays out its value; its Jacobian term is per
+        element, and ``log q(u)`` of the whole block is the auxiliary site's.
         """
         batch = u.shape[:-1]
         for site in sites:
             piece = u[..., site.start : site.start + site.size].reshape(tuple(batch) + tuple(site.unconstrained_shape))
             transform = biject_to(site.support)
             value = transform(piece)
-            event_dim = len(site.shape)
             log_density = transform.inv.log_abs_det_jacobian(value, piece)
-            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
-            pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=event_dim))
+            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site.event_dim)
+            if not site.data_position:  # a global site: the whole value
+                pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.event_dim))
+                continue
+            # [..., N, block...] -> the data dim where the model has it, among the nested plates' dims.
+            block_dims = len(site.shape) - site.event_dim
+            value = value.movedim(-(len(site.shape) + 1), -site.data_position - site.event_dim)
+            log_density = log_density.movedim(-(block_dims + 1), -site.data_position)
+            with contextlib.ExitStack() as plates:
+                for plate_name, size, dim in site.nested:
+                    plates.enter_context(pyro.plate(plate_name, size, dim=dim))
+                pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.event_dim))
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
@@ -187,5 +229,51 @@ class AutoAmortizedGuide(nn.Module):
             self._constrain(pyro.sample("_auto_global", q_global, infer={"is_auxiliary": True}), self.global_sites)
         if self.local_q is not None:
             q = self.local_q.distribution(x.reshape(x.shape[0], -1))
+            trailing = -self.data_dim - 1  # plates nested right of the data plate's dim
+            if trailing:
+                q = _PointBatch(q, trailing)
             with pyro.plate(self.data_plate, x.shape[0], dim=self.data_dim):
-                self._constrain(pyro.sample("_auto_latent", q, infer={"is_auxiliary": True}), self.local_sites)
+                u = pyro.sample("_auto_latent", q, infer={"is_auxiliary": True})
+                self._constrain(u.reshape(*u.shape[: u.dim() - 1 - trailing], u.shape[-1]), self.local_sites)
+
+
+_NO_SAMPLE_SHAPE = torch.Size()
+
+
+class _PointBatch(dist.TorchDistribution):
+    """``q(u | x)`` (batch ``[N]``, event ``[U]``) with ``trailing`` size-1 batch dims, ``[N, 1, ...]``.
+
+    For a data plate at dim ``-(trailing + 1)``, left of plates nested in it: the plate needs the
+    points on that dim. Draws and densities are the base distribution's.
+    """
+
+    arg_constraints: ClassVar[dict] = {}
+
+    def __init__(self, base: Any, trailing: int) -> None:
+        self.base, self.trailing = base, trailing
+        super().__init__(base.batch_shape + (1,) * trailing, base.event_shape, validate_args=False)
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base.has_rsample
+
+    @property
+    def support(self) -> Any:
+        return self.base.support
+
+    def _unsqueeze(self, u: Tensor) -> Tensor:
+        return u.reshape(*u.shape[:-1], *(1,) * self.trailing, u.shape[-1])
+
+    def rsample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> Tensor:
+        return self._unsqueeze(self.base.rsample(sample_shape))
+
+    def sample(self, sample_shape: torch.Size = _NO_SAMPLE_SHAPE) -> Tensor:
+        return self._unsqueeze(self.base.sample(sample_shape))
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        log_prob = self.base.log_prob(value.reshape(*value.shape[: value.dim() - 1 - self.trailing], value.shape[-1]))
+        return log_prob.reshape(*log_prob.shape, *(1,) * self.trailing)
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> _PointBatch:
+        batch_shape = torch.Size(batch_shape)
+        return _PointBatch(self.base.expand(batch_shape[: len(batch_shape) - self.trailing]), self.trailing)

@@ -3,6 +3,7 @@
 from elbolab.models.cvae import ConditionalVAE, as_condition
 from elbolab.models.hierarchical import HierarchicalVAE
 from elbolab.models.latent import Latent, LatentModel
+from elbolab.models.mixture import GaussianMixtureVAE
 from elbolab.models.vae import (
     LIKELIHOODS,
     VAE,
@@ -20,6 +21,7 @@ __all__ = [
     "Autoencoder",
     "Codebook",
     "ConditionalVAE",
+    "GaussianMixtureVAE",
     "HierarchicalVAE",
     "Latent",
     "LatentModel",

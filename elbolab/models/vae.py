@@ -69,6 +69,7 @@ class ModelConfig:
         codebook_size: ``vqvae`` only: K, the number of codebook vectors.
         num_codes: ``vqvae`` only: codes per data point, each one of K vectors.
         commitment: ``vqvae`` only: beta, the weight of the commitment loss.
+        clusters: ``gmvae`` only: the number of clusters (components) of the mixture prior.
     """
 
     name: str = "vae"
@@ -82,6 +83,7 @@ class ModelConfig:
     codebook_size: int = 64
     num_codes: int = 8
     commitment: float = 0.25
+    clusters: int = 10
 
     def __post_init__(self) -> None:
         self.hidden = _widths("hidden", self.hidden, allow_empty=False)
@@ -100,7 +102,7 @@ class ModelConfig:
             raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
         if self.obs_scale is not None and self.likelihood != "gaussian":
             raise InputError(f"obs_scale is the scale of the gaussian likelihood; the {self.likelihood} likelihood has none")
-        for name in ("codebook_size", "num_codes"):
+        for name in ("codebook_size", "num_codes", "clusters"):
             _check_positive_int(name, getattr(self, name))
         if not (is_real(self.commitment) and self.commitment >= 0):
             raise InputError(f"commitment must be a finite number >= 0, got {self.commitment}")

@@ -175,7 +175,7 @@ def test_chunking_does_not_change_the_export(monkeypatch):
     monkeypatch.setattr(evaluate, "CHUNK_ELEMENTS", 3 * 5 * 10)  # 3 points of 5 draws of 10 values
     calls = []
     run_traced = diagnostics.run_traced
-    monkeypatch.setattr(diagnostics, "run_traced", lambda *a: calls.append(a[2][0].shape[0]) or run_traced(*a))
+    monkeypatch.setattr(diagnostics, "run_traced", lambda *a, **o: calls.append(a[2][0].shape[0]) or run_traced(*a, **o))
     chunked = to_inference_data(model, guide, x, num_samples=5)
     assert calls == [3, 3, 3, 3, 1]
     for group, name in [("posterior", "z"), ("log_likelihood", "x"), ("sample_stats", "log_weight"),
@@ -201,11 +201,11 @@ def test_a_chunk_that_runs_out_of_memory_is_halved(monkeypatch):
     sizes = []
     run_traced = diagnostics.run_traced
 
-    def small_device(model, guide, args, kwargs, k, nesting):
+    def small_device(model, guide, args, kwargs, k, nesting, **options):
         sizes.append(args[0].shape[0])
         if args[0].shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return run_traced(model, guide, args, kwargs, k, nesting)
+        return run_traced(model, guide, args, kwargs, k, nesting, **options)
 
     monkeypatch.setattr(diagnostics, "run_traced", small_device)
     halved = to_inference_data(model, guide, x, num_samples=4)

@@ -69,7 +69,7 @@ def test_what_would_print_a_wrong_number_is_refused_by_name():
     def mixture(x):
         with pyro.plate("data", x.shape[0]):
             c = pyro.sample("c", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
-            pyro.sample("x", dist.Normal(c.unsqueeze(-1).expand(c.shape + (3,)), 1.0).to_event(1), obs=x)
+            pyro.sample("x", dist.Normal(c.unsqueeze(-1).expand((*c.shape, 3)), 1.0).to_event(1), obs=x)
 
     def nothing(x):
         pass
