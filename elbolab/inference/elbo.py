@@ -9,34 +9,48 @@ term's sampling variance (Kingma & Welling 2014, appendix B); ``elbo-stl`` keeps
 Carlo KL but drops its zero-mean score term from the gradient ("sticking the landing", Roeder
 et al. 2017). ``beta != 1`` is the beta-VAE
 (Higgins et al. 2017); a rising beta is KL warm-up (Bowman et al. 2016; Sonderby et al. 2016).
-Both estimators assume reparameterized guide samples (every guide in elbolab has them); their
-gradient is the pathwise one, without score-function terms.
+The gradient is the pathwise one through reparameterized guide samples. A guide site without a
+reparameterized sampler (a discrete latent the guide samples, not one the model sums out) adds
+the score-function term ``(f - b(x)) grad log q(d | x)`` per data point, with a learned baseline
+``b(x)`` (:meth:`ELBO._score_surrogate`). A model with discrete sites marked for enumeration has
+them summed out (:func:`~elbolab.inference.traces.enumerated_log_joint`): ``log p(x, z)`` is then
+``log sum_c p(x, z, c)``, and beta weighs ``log p(z) - log q(z | x)`` with ``p(z)`` the marginal.
 """
 
 from __future__ import annotations
 
-__all__ = ["ELBO"]
+__all__ = ["DISCRETE_GRADIENTS", "ELBO"]
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import pyro.distributions as dist
 import pyro.infer
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
 from elbolab.config import is_integer, is_real
 from elbolab.contract import pair_contract, refuse_not_reparameterized
 from elbolab.errors import InputError
 from elbolab.inference.traces import (
+    data_plate_dim,
     detached_guide_trace,
     enumerated_log_joint,
+    log_weights_per_point,
     max_plate_nesting,
+    per_point,
     run_traced,
     sample_sites,
     site_log_prob,
 )
+from elbolab.nn import mlp
+
+# Gradients for guide sites without a reparameterized sampler: the score function with a learned
+# baseline, without one, or none (refused, as before).
+DISCRETE_GRADIENTS = ("baseline", "score", "pathwise")
+BASELINE_HIDDEN = (64,)
 
 
 class ELBO(pyro.infer.ELBO):
@@ -51,6 +65,10 @@ class ELBO(pyro.infer.ELBO):
         max_plate_nesting: plates the model nests; found by one trace when ``None``.
         stick_the_landing: evaluate ``log q`` with stopped gradients on the guide's parameters,
             dropping the zero-mean score term (Roeder et al. 2017); the value is unchanged.
+        discrete: the gradient for guide sites without a reparameterized sampler (discrete
+            sites the guide samples): ``"baseline"``, the score function with a learned
+            input-dependent baseline (NVIL); ``"score"``, without a baseline; ``"pathwise"``,
+            none (such sites are refused).
 
     Example:
         >>> loss = ELBO(num_particles=4).differentiable_loss(model, guide, x)
@@ -66,6 +84,7 @@ class ELBO(pyro.infer.ELBO):
         beta: float = 1.0,
         max_plate_nesting: int | None = None,
         stick_the_landing: bool = False,
+        discrete: str = "baseline",
     ) -> None:
         if not is_integer(num_particles) or num_particles < 1:
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
@@ -78,12 +97,16 @@ class ELBO(pyro.infer.ELBO):
         if stick_the_landing and analytic_kl:
             raise InputError("sticking the landing drops the score term of a Monte Carlo KL; the analytic KL has none")
         self.stick_the_landing = stick_the_landing
+        if discrete not in DISCRETE_GRADIENTS:
+            raise InputError(f"discrete must be one of {', '.join(DISCRETE_GRADIENTS)}, got {discrete!r}")
+        self.discrete = discrete
+        self.baseline: nn.Module | None = None  # b(x) of the score-function gradient, built on first use
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
         """``-ELBO_beta`` summed over the batch, averaged over particles; differentiable."""
         contract = pair_contract(model, guide, args, kwargs)
-        refuse_not_reparameterized(contract, "the ELBO's pathwise gradient")
-        if (self.num_particles > 1 or contract.enumerated) and self.plate_nesting is None:
+        scored = self._scored_sites(contract)
+        if (self.num_particles > 1 or contract.enumerated or scored) and self.plate_nesting is None:
             self.plate_nesting = max_plate_nesting(model, guide, args, kwargs)
         if contract.enumerated and self.analytic_kl:
             raise InputError(
@@ -128,7 +151,62 @@ class ELBO(pyro.infer.ELBO):
         # beta is a float, or a 0-d tensor while the compiled step is traced (KL warm-up changes it).
         unweighted = isinstance(self.beta, float) and self.beta == 1.0
         loss = (kl if unweighted else self.beta * kl) - log_lik
+        if scored:
+            loss = loss + self._score_surrogate(model_trace, guide_trace, contract, scored, args[0])
         return loss / self.num_particles if self.num_particles > 1 else loss
+
+    def _scored_sites(self, contract: Any) -> tuple[str, ...]:
+        """The guide's sites without a reparameterized sampler, which get score-function gradients; refusals by name."""
+        if not contract.not_reparameterized:
+            return ()
+        name = contract.not_reparameterized[0]
+        if self.analytic_kl or self.stick_the_landing:
+            which = "elbo-analytic" if self.analytic_kl else "elbo-stl"
+            raise InputError(
+                f"{which} differentiates through the guide's samples, and the guide's site {name!r} has no reparameterized "
+                "sampler (a discrete site): use 'elbo', whose score-function gradient with a learned baseline covers it"
+            )
+        if self.discrete == "pathwise":
+            refuse_not_reparameterized(contract, "the ELBO's pathwise gradient (discrete='pathwise')")
+        if name in contract.global_latents:
+            raise InputError(
+                f"the guide's site {name!r} has no reparameterized sampler and sits outside the data plate (a global "
+                "latent): the score-function gradient weighs each data point's sites, and this one has no point"
+            )
+        return contract.not_reparameterized
+
+    def _score_surrogate(self, model_trace: Any, guide_trace: Any, contract: Any, scored: tuple[str, ...], x: Tensor) -> Tensor:
+        """Zero-valued terms whose gradient is the score-function part of the ELBO's gradient (and trains the baseline).
+
+        For the guide's sites ``d`` without a reparameterized sampler, per data point and particle
+
+            grad E_q[f] = E_q[grad f + (f - b(x)) grad log q(d | x)],   f = log p(x, z) - log q(z | x),
+
+        with ``b(x)`` an input-dependent baseline (Mnih & Gregor 2014, "Neural variational inference
+        and learning in belief networks", NVIL) trained to minimize ``(f - b(x))^2``; it subtracts
+        a control variate and leaves the gradient unbiased (``E[grad log q] = 0``). With
+        ``discrete="score"`` there is no baseline. ``f`` is the beta-weighted per-point ELBO.
+        """
+        nesting = self.plate_nesting or 0
+        log_w, log_lik = log_weights_per_point(model_trace, guide_trace, nesting, contract)
+        signal = log_w if isinstance(self.beta, float) and self.beta == 1.0 else log_lik + self.beta * (log_w - log_lik)
+        signal = signal.detach()
+        data_dim = data_plate_dim(model_trace, contract.data_plate)
+        log_q = sum(
+            per_point(site_log_prob(guide_trace.nodes[name]), -(nesting + 1), data_dim) for name in scored
+        )
+        if self.discrete == "baseline":
+            baseline = self._baseline(x)(x.reshape(x.shape[0], -1)).squeeze(-1)  # [N]
+            fitted = (signal - baseline).pow(2).sum()
+            centred = signal - baseline.detach()
+            return -(centred * log_q).sum() + (centred * log_q).sum().detach() + fitted - fitted.detach()
+        return -(signal * log_q).sum() + (signal * log_q).sum().detach()
+
+    def _baseline(self, x: Tensor) -> nn.Module:
+        width = math.prod(x.shape[1:])
+        if self.baseline is None or self.baseline[0].in_features != width:
+            self.baseline = mlp(width, BASELINE_HIDDEN, 1).to(device=x.device, dtype=x.dtype)
+        return self.baseline
 
     def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict):
         """One (model trace, guide trace) pair, un-vectorized (Pyro's ``ELBO`` interface)."""

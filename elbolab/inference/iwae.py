@@ -47,12 +47,16 @@ from elbolab.inference.traces import (
     detached_guide_trace,
     importance_terms,
     max_plate_nesting,
+    per_point,
     per_point_weights_to_site,
     run_traced,
     sample_sites,
+    site_log_prob,
 )
 
 GRADIENTS = ("standard", "stl", "dreg")
+# Gradients for guide sites without a reparameterized sampler: VIMCO's, the plain score function's, or none (refused).
+DISCRETE_GRADIENTS = ("vimco", "score", "pathwise")
 
 
 class IWAE(pyro.infer.ELBO):
@@ -69,14 +73,19 @@ class IWAE(pyro.infer.ELBO):
 
     supports_beta = False
 
-    def __init__(self, num_particles: int = 5, gradient: str = "standard", max_plate_nesting: int | None = None) -> None:
+    def __init__(
+        self, num_particles: int = 5, gradient: str = "standard", max_plate_nesting: int | None = None, discrete: str = "vimco"
+    ) -> None:
         if not is_integer(num_particles) or num_particles < 1:
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
         if gradient not in GRADIENTS:
             raise InputError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        if discrete not in DISCRETE_GRADIENTS:
+            raise InputError(f"discrete must be one of {', '.join(DISCRETE_GRADIENTS)}, got {discrete!r}")
         super().__init__(num_particles=int(num_particles), vectorize_particles=True)
         self.gradient = gradient
         self.plate_nesting = max_plate_nesting
+        self.discrete = discrete
 
     def _get_trace(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict):
         return run_traced(model, guide, args, kwargs)
@@ -84,7 +93,9 @@ class IWAE(pyro.infer.ELBO):
     def log_weights(self, model: Callable[..., Any], guide: Callable[..., Any], args: tuple, kwargs: dict):
         """``(local [K, N], global [K] or 0, data scale, traces)``, with detached ``log q`` for stl/dreg."""
         contract = pair_contract(model, guide, args, kwargs)
-        refuse_not_reparameterized(contract, "the importance-weighted bound's pathwise gradient")
+        if contract.not_reparameterized and (self.gradient != "standard" or self.discrete == "pathwise" or type(self) is not IWAE):
+            what = "the Renyi bound" if type(self) is not IWAE else f"iwae with {self.gradient} gradients"
+            refuse_not_reparameterized(contract, f"{what} (score-function gradients for discrete sites: iwae, VIMCO)")
         if contract.global_latents:
             # Each particle carries its own draw of the globals, so a point's logsumexp would mix
             # draws: the result rises above log p(X) (not a bound) and widens q of the globals.
@@ -114,6 +125,8 @@ class IWAE(pyro.infer.ELBO):
         """``-L_K`` summed over the batch (scaled to the full data set under subsampling)."""
         local, global_, data_scale, (model_trace, guide_trace, contract) = self.log_weights(model, guide, args, kwargs)
         bound = self._bound(local)
+        if contract.not_reparameterized:
+            bound = bound + self._score_surrogate(local, guide_trace, contract, model_trace)
         if self.gradient == "dreg":
             normalized = torch.softmax(local, dim=0).detach()
             surrogate = (normalized * local).sum(0)
@@ -134,6 +147,40 @@ class IWAE(pyro.infer.ELBO):
                 site["value"].register_hook(lambda grad, weight=weight: grad * weight)
             bound = bound.detach() + surrogate - surrogate.detach()
         return -_total(bound, global_, data_scale)
+
+    def _score_surrogate(self, local: Tensor, guide_trace: Any, contract: Any, model_trace: Any) -> Tensor:
+        """Per data point, a zero-valued term whose gradient is the bound's score-function part for the guide's discrete sites.
+
+        With ``L = log (1/K) sum_k w_k`` and ``d_k`` the k-th particle's non-reparameterized sites,
+
+            grad L = sum_k wbar_k grad log w_k + sum_k c_k grad log q(d_k | x).
+
+        The plain score function (``discrete="score"``) takes ``c_k = L``, the same learning
+        signal for every particle, whose variance grows with K. VIMCO (Mnih & Rezende 2016,
+        "Variational inference for Monte Carlo objectives") takes ``c_k = L - L_{-k}``, where
+        ``L_{-k}`` is ``L`` with ``log w_k`` replaced by the mean of the other particles' log
+        weights: a baseline per particle from the other K - 1 that leaves the gradient unbiased,
+        since it does not depend on ``d_k``. Needs K >= 2.
+        """
+        k = local.shape[0]
+        nesting = self.plate_nesting
+        data_dim = data_plate_dim(model_trace, contract.data_plate)
+        log_q = sum(per_point(site_log_prob(guide_trace.nodes[name]), -(nesting + 1), data_dim)
+                    for name in contract.not_reparameterized)  # [K, N]
+        weights = local.detach()
+        bound = weights.logsumexp(0) - math.log(k)
+        if self.discrete == "vimco":
+            if k < 2:
+                raise InputError("VIMCO's leave-one-out baselines need two or more particles: iwae:k=2 or more")
+            others_mean = (weights.sum(0, keepdim=True) - weights) / (k - 1)  # [K, N]: mean log w of the others
+            eye = torch.eye(k, dtype=torch.bool, device=weights.device).unsqueeze(-1)  # [K, K, 1]
+            # Row j: the particles' log weights with the j-th replaced by the others' mean.
+            replaced = torch.where(eye, others_mean.unsqueeze(1), weights.unsqueeze(0))
+            signal = bound - (replaced.logsumexp(1) - math.log(k))
+        else:
+            signal = bound.expand_as(weights)
+        term = (signal * log_q).sum(0)
+        return term - term.detach()
 
     def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> float:
         with torch.no_grad():
