@@ -14,7 +14,9 @@ carries the log-Jacobian of the inverse transform as its log density. Because on
 covers every site, a mixture or a flow can capture dependence between sites. Latents outside the
 data plate (global latents) get a non-amortized distribution of the same family: the family's
 network fed a constant input, so its output weights are the distribution's parameters. Discrete
-sites marked for enumeration get no part of ``u``: the objectives sum them out of the model.
+sites marked for enumeration get no part of ``u``: the objectives sum them out of the model. Other
+discrete sites inside the data plate get heads of their own (:mod:`elbolab.guides.discrete`),
+sampled independently of ``u`` given x, with score-function gradients.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from elbolab.contract import find_data_plate, floating_dtype, trace_model
 from elbolab.data.checks import as_points
 from elbolab.errors import InputError, closest_names
 from elbolab.guides.config import GUIDE_CLASSES
+from elbolab.guides.discrete import DiscreteHeads, DiscreteSite, discrete_site
 from elbolab.param_store import register
 
 FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "flow_depth", "flow_hidden")}
@@ -137,7 +140,7 @@ class AutoAmortizedGuide(nn.Module):
         x_example = as_points(x_example, "AutoAmortizedGuide: x_example", dtype=floating_dtype(model))
         if x_example.shape[0] < 2:
             raise InputError("AutoAmortizedGuide: x_example must be a batch of two or more data points")
-        local, global_, frame = self._inspect(model, x_example)
+        local, global_, discrete, frame = self._inspect(model, x_example)
         # The guide's plate over the data points is the model's: same name and dim (a subsampling
         # plate's scale comes from elbolab's data-plate scale in training, which covers both).
         self.data_plate, self.data_dim = frame.name, frame.dim
@@ -154,28 +157,30 @@ class AutoAmortizedGuide(nn.Module):
             width = sum(site.size for site in self.global_sites)
             self.global_q = joint(1, width, hidden=(32,), activation=activation, **family_options)
             self.register_buffer("constant_input", torch.ones(1), persistent=False)
+        self.discrete_q = DiscreteHeads(x_width, discrete, hidden, activation) if discrete else None
         self.family = family
 
     @staticmethod
-    def _inspect(model: Callable[..., Any], x: Tensor) -> tuple[list[dict], list[dict], Any]:
-        """The model's latent sites inside and outside its data plate, and that plate's frame."""
+    def _inspect(model: Callable[..., Any], x: Tensor) -> tuple[list[dict], list[dict], list[DiscreteSite], Any]:
+        """The model's continuous latent sites inside and outside its data plate, its sampled discrete ones, and the plate's frame."""
         trace = trace_model(model, (x,))
         frame = find_data_plate(model, trace, x.shape[0])
-        local, global_ = [], []
+        local, global_, discrete = [], [], []
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
                 continue
             fn = site["fn"]
             if site["infer"].get("enumerate"):
                 continue  # summed out by the objectives and estimators (the pair's contract checks how)
-            if fn.support.is_discrete:
-                raise InputError(
-                    f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}) and not marked for "
-                    "enumeration; mark it infer={'enumerate': 'parallel'} (or wrap the model in Pyro's "
-                    "config_enumerate) and every objective and estimator sums it out exactly"
-                )
             frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-            if any(f.name == frame.name for f in frames):
+            if fn.support.is_discrete:
+                if not any(f.name == frame.name for f in frames):
+                    raise InputError(
+                        f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}) and global (outside the "
+                        f"data plate {frame.name!r}); the auto guide encodes discrete latents per data point: write its guide"
+                    )
+                discrete.append(discrete_site(name, fn, x.shape[0]))
+            elif any(f.name == frame.name for f in frames):
                 local.append(_local_block(name, fn, frames, frame))
             else:
                 if frames:
@@ -184,9 +189,9 @@ class AutoAmortizedGuide(nn.Module):
                         f"data plate {frame.name!r}; a global latent must sit outside every plate"
                     )
                 global_.append({"name": name, "fn": fn, "shape": site["value"].shape, "event_dim": site["value"].dim()})
-        if not local and not global_:
+        if not local and not global_ and not discrete:
             raise InputError("AutoAmortizedGuide: the model has no latent sample site")
-        return local, global_, frame
+        return local, global_, discrete, frame
 
     @staticmethod
     def _constrain(u: Tensor, sites: list[_Site]) -> None:
@@ -227,14 +232,18 @@ class AutoAmortizedGuide(nn.Module):
         if self.global_q is not None:
             q_global = self.global_q.distribution(self.constant_input)
             self._constrain(pyro.sample("_auto_global", q_global, infer={"is_auxiliary": True}), self.global_sites)
-        if self.local_q is not None:
-            q = self.local_q.distribution(x.reshape(x.shape[0], -1))
-            trailing = -self.data_dim - 1  # plates nested right of the data plate's dim
-            if trailing:
-                q = _PointBatch(q, trailing)
-            with pyro.plate(self.data_plate, x.shape[0], dim=self.data_dim):
+        if self.local_q is None and self.discrete_q is None:
+            return
+        with pyro.plate(self.data_plate, x.shape[0], dim=self.data_dim):
+            if self.local_q is not None:
+                q = self.local_q.distribution(x.reshape(x.shape[0], -1))
+                trailing = -self.data_dim - 1  # plates nested right of the data plate's dim
+                if trailing:
+                    q = _PointBatch(q, trailing)
                 u = pyro.sample("_auto_latent", q, infer={"is_auxiliary": True})
                 self._constrain(u.reshape(*u.shape[: u.dim() - 1 - trailing], u.shape[-1]), self.local_sites)
+            if self.discrete_q is not None:
+                self.discrete_q(x)
 
 
 _NO_SAMPLE_SHAPE = torch.Size()

@@ -164,8 +164,14 @@ def test_refusals():
             pyro.sample("h", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(0.0, 1.0).expand(x.shape).to_event(2), obs=x)
 
-    with pytest.raises(InputError, match="'c' is discrete"):
-        AutoAmortizedGuide(discrete, x)
+    def poisson(x, *, batch_size=None):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Poisson(3.0))
+            pyro.sample("x", dist.Normal(c.unsqueeze(-1), 1.0).to_event(1), obs=x)
+
+    assert AutoAmortizedGuide(discrete, x).discrete_q.sites[0].family == "Bernoulli"  # a head of its own
+    with pytest.raises(InputError, match=r"'c' is discrete \(Poisson\), and the auto guide has heads for Categorical"):
+        AutoAmortizedGuide(poisson, x)
     # A latent in a plate nested in the data plate is part of each point's block (tests/guides/test_nested_plates.py).
     assert AutoAmortizedGuide(extra_plate, x).local_sites[0].shape == (3,)
     with pytest.raises(InputError, match="found no plate over the batch of 20 data points around the observed site"):

@@ -121,3 +121,28 @@ def test_objectives_without_a_score_function_refuse_discrete_guide_sites(spec, m
         get_objective(spec).differentiable_loss(model, Guide(), X)
     with pytest.raises(InputError, match="VIMCO's leave-one-out baselines need two or more particles"):
         IWAE(num_particles=1).differentiable_loss(model, Guide(), X)
+
+
+def test_the_auto_guide_encodes_a_sampled_discrete_latent_and_the_estimate_is_exact():
+    # c ~ Uniform{0..3}, z | c ~ N(mu_c, 1), x | z ~ N(z, 0.5): p(x) = sum_c N(x; mu_c, sqrt(1.25)) / 4.
+    from elbolab.guides import AutoAmortizedGuide
+
+    means = torch.tensor([-4.0, -1.0, 2.0, 5.0])
+
+    def mixed(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(torch.ones(4) / 4))
+            z = pyro.sample("z", dist.Normal(means[c], 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1), 0.5).to_event(1), obs=x)
+
+    torch.manual_seed(0)
+    c = torch.randint(0, 4, (400,))
+    x = (means[c] + math.sqrt(1.25) * torch.randn(400)).unsqueeze(-1)
+    exact = (dist.Normal(means, math.sqrt(1.25)).log_prob(x) - math.log(4)).logsumexp(-1)
+    # Under iwae (VIMCO); the ELBO's single-sample score function locks q(c | x) onto a wrong cluster for
+    # some x here (a mode-seeking local optimum: once q(c | x) is one-hot, the others are never sampled).
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedGuide(mixed, x[:10], hidden=(32,))
+    assert [site.family for site in guide.discrete_q.sites] == ["Categorical"]
+    fit(mixed, guide, x, objective="iwae:k=8", epochs=40, lr=1e-2, progress=False)
+    assert (log_likelihood(mixed, guide, x, num_samples=2000) - exact).abs().mean() < 0.05
