@@ -19,8 +19,9 @@ them summed out (:func:`~elbolab.inference.traces.enumerated_log_joint`): ``log 
 
 from __future__ import annotations
 
-__all__ = ["DISCRETE_GRADIENTS", "ELBO"]
+__all__ = ["DISCRETE_GRADIENTS", "ELBO", "Relaxed"]
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import pyro.distributions as dist
 import pyro.infer
 import torch
+from pyro.poutine.messenger import Messenger
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
@@ -49,7 +51,7 @@ from elbolab.nn import mlp
 
 # Gradients for guide sites without a reparameterized sampler: the score function with a learned
 # baseline, without one, or none (refused, as before).
-DISCRETE_GRADIENTS = ("baseline", "score", "pathwise")
+DISCRETE_GRADIENTS = ("baseline", "score", "relaxed", "pathwise")
 BASELINE_HIDDEN = (64,)
 
 
@@ -67,8 +69,10 @@ class ELBO(pyro.infer.ELBO):
             dropping the zero-mean score term (Roeder et al. 2017); the value is unchanged.
         discrete: the gradient for guide sites without a reparameterized sampler (discrete
             sites the guide samples): ``"baseline"``, the score function with a learned
-            input-dependent baseline (NVIL); ``"score"``, without a baseline; ``"pathwise"``,
-            none (such sites are refused).
+            input-dependent baseline (NVIL); ``"score"``, without a baseline; ``"relaxed"``, the
+            Concrete / Gumbel-softmax relaxation (:class:`Relaxed`) at ``temperature``, whose
+            loss is then the relaxed model's; ``"pathwise"``, none (such sites are refused).
+        temperature: the relaxation's temperature (``discrete="relaxed"``).
 
     Example:
         >>> loss = ELBO(num_particles=4).differentiable_loss(model, guide, x)
@@ -85,6 +89,7 @@ class ELBO(pyro.infer.ELBO):
         max_plate_nesting: int | None = None,
         stick_the_landing: bool = False,
         discrete: str = "baseline",
+        temperature: float = 0.5,
     ) -> None:
         if not is_integer(num_particles) or num_particles < 1:
             raise InputError(f"num_particles must be a positive integer, got {num_particles}")
@@ -100,6 +105,9 @@ class ELBO(pyro.infer.ELBO):
         if discrete not in DISCRETE_GRADIENTS:
             raise InputError(f"discrete must be one of {', '.join(DISCRETE_GRADIENTS)}, got {discrete!r}")
         self.discrete = discrete
+        if not is_real(temperature) or temperature <= 0:
+            raise InputError(f"temperature must be a positive number, got {temperature}")
+        self.temperature = float(temperature)
         self.baseline: nn.Module | None = None  # b(x) of the score-function gradient, built on first use
 
     def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args, **kwargs) -> Tensor:
@@ -113,9 +121,12 @@ class ELBO(pyro.infer.ELBO):
                 f"elbo-analytic: the model sums out its discrete site {contract.enumerated[0]!r} (enumerated), so the "
                 "prior of the guide's latents is a mixture over its values, whose KL has no closed form: use 'elbo'"
             )
-        model_trace, guide_trace = run_traced(
-            model, guide, args, kwargs, self.num_particles, self.plate_nesting or 0, enumerated=bool(contract.enumerated)
-        )
+        relaxed = scored if self.discrete == "relaxed" else ()
+        scored = () if relaxed else scored
+        with Relaxed(relaxed, self.temperature) if relaxed else contextlib.nullcontext():
+            model_trace, guide_trace = run_traced(
+                model, guide, args, kwargs, self.num_particles, self.plate_nesting or 0, enumerated=bool(contract.enumerated)
+            )
         log_lik: Tensor | float = 0.0
         kl: Tensor | float = 0.0
         if contract.enumerated:
@@ -222,6 +233,53 @@ class ELBO(pyro.infer.ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()
+
+
+class Relaxed(Messenger):
+    """The Concrete / Gumbel-softmax relaxation of discrete sites, in the model and the guide alike.
+
+    Each named ``OneHotCategorical`` site becomes a ``RelaxedOneHotCategorical`` and each
+    ``Bernoulli`` a ``RelaxedBernoulli`` of the same logits at ``temperature`` (Maddison, Mnih &
+    Teh 2017, "The Concrete distribution"; Jang, Gu & Poole 2017): the guide's draws are then
+    reparameterized and the model's prior is evaluated with the Concrete density, as Maddison et
+    al. do, so that the ELBO is a bound on the relaxed model's evidence. The gradient is biased
+    for the discrete model (less as the temperature falls, with more variance); the printed loss
+    is the relaxed bound, and evaluation (``log_likelihood``) scores the discrete model. A
+    ``Categorical`` site (integer values, which a model indexes with) has no relaxation and is
+    refused by name.
+    """
+
+    def __init__(self, sites: tuple[str, ...], temperature: float) -> None:
+        super().__init__()
+        self.sites, self.temperature = frozenset(sites), temperature
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"] in self.sites and not msg["is_observed"]:
+            msg["fn"] = _relaxed(msg["name"], msg["fn"], self.temperature)
+
+
+def _relaxed(name: str, fn: Any, temperature: float) -> Any:
+    reinterpreted = 0
+    base = fn
+    while isinstance(base, torch.distributions.Independent):
+        reinterpreted += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    batch_shape = base.batch_shape  # a plate's expansion of the site, kept
+    if isinstance(base, dist.ExpandedDistribution):
+        base = base.base_dist
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        relaxed = dist.RelaxedOneHotCategorical(torch.tensor(temperature, dtype=base.logits.dtype, device=base.logits.device),
+                                                logits=base.logits)
+    elif isinstance(base, torch.distributions.Bernoulli):
+        relaxed = dist.RelaxedBernoulli(torch.tensor(temperature, dtype=base.logits.dtype, device=base.logits.device),
+                                        logits=base.logits)
+    else:
+        raise InputError(
+            f"the Concrete relaxation (discrete='relaxed') relaxes OneHotCategorical and Bernoulli sites; site {name!r} is "
+            f"{type(base).__name__}, whose integer values a model indexes with: use discrete='baseline' (the score function)"
+        )
+    relaxed = relaxed.expand(batch_shape)
+    return relaxed.to_event(reinterpreted) if reinterpreted else relaxed
 
 
 def _check_sampling_order(model_trace: Any, guide_trace: Any) -> None:

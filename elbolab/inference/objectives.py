@@ -63,13 +63,20 @@ def get_objective(name: str, **kwargs: Any) -> Any:
 
 
 # Option names of a spec string ("renyi:alpha=0.5:k=5") -> keyword and type.
-SPEC_OPTIONS = {"k": ("num_particles", int), "alpha": ("alpha", float)}
+SPEC_OPTIONS = {
+    "k": ("num_particles", int),
+    "alpha": ("alpha", float),
+    "discrete": ("discrete", str),
+    "temperature": ("temperature", float),
+}
 
 
 def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"renyi:alpha=0.5:k=5"`` -> ``("renyi", {"alpha": 0.5, "num_particles": 5})``.
 
-    Options: ``k`` (particles) and ``alpha`` (Renyi order; ``-inf`` for VR-max). The name is
+    Options: ``k`` (particles), ``alpha`` (Renyi order; ``-inf`` for VR-max), ``discrete`` (the
+    gradient of discrete guide sites: ``baseline``, ``score``, ``relaxed`` for elbo; ``vimco``,
+    ``score`` for iwae) and ``temperature`` (of ``discrete=relaxed``). The name is
     checked against the registry; ``pyro:NAME`` names one of Pyro's ELBOs
     (:mod:`~elbolab.inference.pyro_objectives`), ``"pyro:RenyiELBO:alpha=0:k=5"``.
 
@@ -92,7 +99,10 @@ def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for option in options:
         key, _, value = option.partition("=")
         if key not in SPEC_OPTIONS or not value:
-            raise InputError(f"objective spec {spec!r}: expected options k=INT or alpha=NUMBER, got {option!r}")
+            raise InputError(
+                f"objective spec {spec!r}: expected options k=INT, alpha=NUMBER, discrete=NAME or temperature=NUMBER, "
+                f"got {option!r}"
+            )
         keyword, kind = SPEC_OPTIONS[key]
         try:
             kwargs[keyword] = kind(value)

@@ -146,3 +146,32 @@ def test_the_auto_guide_encodes_a_sampled_discrete_latent_and_the_estimate_is_ex
     assert [site.family for site in guide.discrete_q.sites] == ["Categorical"]
     fit(mixed, guide, x, objective="iwae:k=8", epochs=40, lr=1e-2, progress=False)
     assert (log_likelihood(mixed, guide, x, num_samples=2000) - exact).abs().mean() < 0.05
+
+
+def test_the_concrete_relaxation_trains_one_hot_latents_and_refuses_integer_ones():
+    # A sigmoid-belief-like model: d ~ OneHot(uniform over 3), x ~ N(d @ MU, 1); the guide is relaxed with the prior.
+    def one_hot_model(x):
+        with pyro.plate("data", x.shape[0]):
+            d = pyro.sample("d", dist.OneHotCategorical(torch.ones(C) / C))
+            pyro.sample("x", dist.Normal((d @ MU).unsqueeze(-1), 1.0).to_event(1), obs=x)
+
+    class OneHotGuide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, C))
+
+        def forward(self, x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("d", dist.OneHotCategorical(logits=self.net(x)))
+
+    torch.manual_seed(0)
+    x = (MU[torch.randint(0, C, (300,))] + torch.randn(300)).unsqueeze(-1)
+    exact = (dist.Normal(MU, 1.0).log_prob(x) - math.log(C)).logsumexp(-1)
+    pyro.set_rng_seed(0)
+    guide = OneHotGuide()
+    result = fit(one_hot_model, guide, x, objective="elbo:discrete=relaxed:temperature=0.5", epochs=30, lr=1e-2, progress=False)
+    assert result.history.train_loss.iloc[-1] < result.history.train_loss.iloc[0]
+    # Scored with the discrete model, the trained guide is a good proposal.
+    assert (log_likelihood(one_hot_model, guide, x, num_samples=2000) - exact).abs().mean() < 0.03
+    with pytest.raises(InputError, match="site 'c' is Categorical, whose integer values a model indexes with"):
+        get_objective("elbo", discrete="relaxed").differentiable_loss(model, Guide(), X)
