@@ -129,7 +129,7 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--commitment": ("model", "commitment", {"type": _float, "metavar": "BETA",
                      "help": "weight of the commitment loss (default 0.25)"}),
     "--clusters": ("model", "clusters", {"type": _int_at_least(2), "metavar": "C",
-                   "help": "gmvae: clusters of the mixture prior (default 10)"}),
+                   "help": "clusters of the mixture prior (default 10)"}),
     "--hidden": ("model", "hidden", {"type": _widths, "metavar": "W[,W...]",
                  "help": "hidden widths of the encoder, reversed in the decoder (default 400)"}),
     "--likelihood": ("model", "likelihood", {"choices": list(LIKELIHOODS), "help": "p(x|z) (default bernoulli)"}),

@@ -88,10 +88,7 @@ def parse_objective_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if name == "pyro":  # "pyro:RenyiELBO:alpha=0:k=5": one of Pyro's ELBOs
         if not options or options[0] not in PYRO_ELBOS:
             given = options[0] if options else ""
-            raise InputError(
-                f"objective spec {spec!r}: pyro: names one of Pyro's ELBOs ({', '.join(PYRO_ELBOS)}); "
-                f"{closest_names(given, PYRO_ELBOS)}"
-            )
+            raise InputError(f"objective spec {spec!r}: pyro: names one of Pyro's ELBOs; {closest_names(given, PYRO_ELBOS)}")
         name, options = f"pyro:{options[0]}", options[1:]
     elif name not in OBJECTIVES:
         raise InputError(f"unknown objective {name!r} in {spec!r}; {closest_names(name, OBJECTIVES)}")

@@ -12,8 +12,8 @@ layers (Sonderby et al. 2016).
 A prior may have an event shape of its own: ``Latent("mix", 5, prior=dist.Dirichlet, params=(1.0,))``
 is one point of the 5-simplex per data point (a scalar concentration is broadcast to K = 5; or
 give K of them). A latent's shape is the prior's batch shape followed by its event shape, and only
-the batch part is made part of the event by ``to_event``. Discrete priors are refused: enumerating
-discrete latents is a later feature.
+the batch part is made part of the event by ``to_event``. Discrete priors are refused: a discrete latent
+is written in a Pyro program, marked for enumeration or sampled by a guide (README, "Discrete latents").
 
 Example, a 16-dimensional code and a positive per-image brightness over binarized digits:
 
@@ -324,6 +324,7 @@ def _discrete_message(latent: Latent, support: constraints.Constraint) -> str:
     # A class's dependent support (a Categorical's) is a property that only an instance can describe.
     words = "" if isinstance(support, property) else f" (support: {describe_support(support)})"
     return (
-        f"LatentModel: latent {latent.name!r} has a discrete {latent.prior.__name__} prior{words}; discrete "
-        "latents are not supported yet (enumeration is a later feature): use a continuous prior"
+        f"LatentModel: latent {latent.name!r} has a discrete {latent.prior.__name__} prior{words}; LatentModel builds "
+        "continuous latents: write the model as a Pyro program and mark the site infer={'enumerate': 'parallel'} "
+        "(every objective then sums it out), or let AutoAmortizedGuide sample it"
     )

@@ -66,7 +66,7 @@ def test_params_that_do_not_match_the_prior_arguments_are_refused_naming_the_lat
      (dist.Categorical, ((0.5, 0.5),), ""), (dist.OneHotCategorical, ((0.5, 0.5),), r" \(support: one-hot vectors\)")],
 )
 def test_a_discrete_prior_is_refused_by_name(prior, params, support):
-    message = rf"latent 'c' has a discrete {prior.__name__} prior{support}; discrete latents are not supported yet"
+    message = rf"latent 'c' has a discrete {prior.__name__} prior{support}; LatentModel builds continuous latents"
     with pytest.raises(InputError, match=message):
         LatentModel(4, [Latent("c", 2, prior=prior, params=params)])
     with pytest.raises(InputError, match=rf"latent 'c' has a discrete {prior.__name__} prior"):
