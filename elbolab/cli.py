@@ -177,7 +177,7 @@ def _fit(args: argparse.Namespace) -> None:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     start = time.perf_counter()
     try:
-        result = fit(model, guide, train, config.fit, valid=valid, args=config.conditions(train),
+        result = fit(model, guide, train, config.fit, valid=valid, args=config.conditions(train, training=True),
                      valid_args=config.conditions(valid), progress=False if args.quiet else None,
                      checkpoint=out / CHECKPOINT_FILE, resume=args.resume is not None,
                      checkpoint_metadata=config.to_dict())
@@ -275,7 +275,7 @@ def _compare(args: argparse.Namespace) -> None:
         comparison = compare_runs(
             lambda: config.new_model(train), config.new_guide, train, config.fit, objectives=specs, seeds=seeds,
             test=test, valid=valid, num_samples=num_samples, progress=False if args.quiet else None,
-            args=config.conditions(train), valid_args=config.conditions(valid), test_args=config.conditions(test),
+            args=config.conditions(train, training=True), valid_args=config.conditions(valid), test_args=config.conditions(test),
             folder=out / "runs",
         )
     except TrainingInterrupted as stop:

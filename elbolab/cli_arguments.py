@@ -130,6 +130,11 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                      "help": "weight of the commitment loss (default 0.25)"}),
     "--clusters": ("model", "clusters", {"type": _int_at_least(2), "metavar": "C",
                    "help": "clusters of the mixture prior (default 10)"}),
+    "--labels-per-class": ("model", "labels_per_class", {"type": _int_at_least(0), "metavar": "N",
+                           "help": "ssvae: labels kept per class of the training set, the others missing; 0 keeps every "
+                           "label (default 10)"}),
+    "--classification-weight": ("model", "classification_weight", {"type": _float, "metavar": "ALPHA",
+                                "help": "ssvae: weight of the classifier's loss on the labelled points (default 50)"}),
     "--hidden": ("model", "hidden", {"type": _widths, "metavar": "W[,W...]",
                  "help": "hidden widths of the encoder, reversed in the decoder (default 400)"}),
     "--likelihood": ("model", "likelihood", {"choices": list(LIKELIHOODS), "help": "p(x|z) (default bernoulli)"}),

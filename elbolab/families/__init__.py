@@ -19,13 +19,14 @@ from dataclasses import fields
 from torch import nn
 
 from elbolab.errors import InputError, closest_names
-from elbolab.families import autoencoder, cvae, gmvae, hvae, vae, vqvae
+from elbolab.families import autoencoder, cvae, gmvae, hvae, ssvae, vae, vqvae
 from elbolab.families.family import Family
 from elbolab.guides import GuideConfig
 from elbolab.models import ModelConfig
 
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (vae.FAMILY, cvae.FAMILY, hvae.FAMILY, vqvae.FAMILY, gmvae.FAMILY, autoencoder.FAMILY)
+    family.name: family for family in (vae.FAMILY, cvae.FAMILY, hvae.FAMILY, vqvae.FAMILY, gmvae.FAMILY, ssvae.FAMILY,
+                                                  autoencoder.FAMILY)
 }
 # Every guide family some model takes ("none": a model without latents takes no guide).
 GUIDE_FAMILIES = tuple(dict.fromkeys(guide for family in FAMILIES.values() for guide in family.guides))

@@ -82,6 +82,9 @@ class Family:
         sample: ``sample(model, n, label, num_classes)`` -> :data:`Samples`, or ``None`` when it cannot generate.
         no_diagnosis: why ``elbolab diagnose`` cannot read it, or ``None`` when it can.
         normalize: fills the family's defaults into a config and checks what only it needs.
+        label_arguments: ``label_arguments(labels, model_config, training, seed)`` -> the label
+            argument of a model conditioned on labels, when it is not their one-hot matrix (a
+            semi-supervised model's labels with the missing ones ``-1``).
     """
 
     name: str
@@ -98,6 +101,7 @@ class Family:
     sample: Callable[[Any, int, int | None, int | None], Samples] | None = prior_samples
     no_diagnosis: str | None = None
     normalize: Callable[[ModelConfig], ModelConfig] = lambda config: config
+    label_arguments: Callable[[Tensor, ModelConfig, bool, int], Tensor] | None = None
 
     def check_guide(self, guide: str | None) -> str:
         """The guide family to use: the default when ``guide`` is ``None``; one it does not take is refused."""
@@ -135,10 +139,14 @@ class Family:
             return None
         return int(self._labels(data).max()) + 1
 
-    def conditions(self, data: Dataset | None, num_classes: int | None) -> tuple[Tensor, ...]:
-        """The per-point arguments the model takes after ``x``: one-hot labels, or none."""
+    def conditions(self, data: Dataset | None, num_classes: int | None, model: ModelConfig | None = None,
+                   training: bool = False, seed: int = 0) -> tuple[Tensor, ...]:
+        """The per-point arguments the model takes after ``x``: one-hot labels, the labels a semi-supervised
+        model trains with (``training``: the run's share of them, chosen with ``seed``; otherwise none), or nothing."""
         if data is None or not self.conditioned_on_labels:
             return ()
+        if self.label_arguments is not None:
+            return (self.label_arguments(self._labels(data), model or ModelConfig(self.name), training, seed),)
         return (as_condition(self._labels(data), num_classes),)
 
     def reconstruct(self, model: Any, guide: Any, x: Tensor, conditions: tuple[Tensor, ...]) -> Tensor:

@@ -8,6 +8,7 @@ from elbolab.guides.gaussian import GaussianGuide
 from elbolab.guides.hierarchical import BottomUpGuide, LadderGuide
 from elbolab.guides.mixture import MixtureGuide
 from elbolab.guides.quantizer import NearestCodeGuide
+from elbolab.guides.semisupervised import SemiSupervisedGuide
 
 __all__ = [
     "FLOWS",
@@ -20,5 +21,6 @@ __all__ = [
     "LadderGuide",
     "MixtureGuide",
     "NearestCodeGuide",
+    "SemiSupervisedGuide",
     "build_guide",
 ]

@@ -4,6 +4,7 @@ from elbolab.models.cvae import ConditionalVAE, as_condition
 from elbolab.models.hierarchical import HierarchicalVAE
 from elbolab.models.latent import Latent, LatentModel
 from elbolab.models.mixture import GaussianMixtureVAE
+from elbolab.models.semisupervised import SemiSupervisedVAE, keep_labels
 from elbolab.models.vae import (
     LIKELIHOODS,
     VAE,
@@ -27,7 +28,9 @@ __all__ = [
     "LatentModel",
     "Likelihood",
     "ModelConfig",
+    "SemiSupervisedVAE",
     "UniformCodebook",
     "as_condition",
     "check_likelihood",
+    "keep_labels",
 ]

@@ -70,6 +70,10 @@ class ModelConfig:
         num_codes: ``vqvae`` only: codes per data point, each one of K vectors.
         commitment: ``vqvae`` only: beta, the weight of the commitment loss.
         clusters: ``gmvae`` only: the number of clusters (components) of the mixture prior.
+        labels_per_class: ``ssvae`` only: the labels kept per class of the training set (the
+            others are missing), or 0 to keep every label.
+        classification_weight: ``ssvae`` only: alpha, the weight of the classifier's loss on the
+            labelled points.
     """
 
     name: str = "vae"
@@ -84,6 +88,8 @@ class ModelConfig:
     num_codes: int = 8
     commitment: float = 0.25
     clusters: int = 10
+    labels_per_class: int = 10
+    classification_weight: float = 50.0
 
     def __post_init__(self) -> None:
         self.hidden = _widths("hidden", self.hidden, allow_empty=False)
@@ -104,6 +110,10 @@ class ModelConfig:
             raise InputError(f"obs_scale is the scale of the gaussian likelihood; the {self.likelihood} likelihood has none")
         for name in ("codebook_size", "num_codes", "clusters"):
             _check_positive_int(name, getattr(self, name))
+        if not is_integer(self.labels_per_class) or self.labels_per_class < 0:
+            raise InputError(f"labels_per_class must be an integer >= 0 (0: every label), got {self.labels_per_class!r}")
+        if not (is_real(self.classification_weight) and self.classification_weight >= 0):
+            raise InputError(f"classification_weight must be a finite number >= 0, got {self.classification_weight}")
         if not (is_real(self.commitment) and self.commitment >= 0):
             raise InputError(f"commitment must be a finite number >= 0, got {self.commitment}")
 

@@ -84,9 +84,12 @@ class RunConfig:
         """The run's guide for its ``model``: the ``[guide]`` family (none for a model without latents)."""
         return self.family.new_guide(self.guide, model)
 
-    def conditions(self, data: Dataset | None) -> tuple[Tensor, ...]:
-        """The per-point arguments the model takes after ``x`` for ``data``: one-hot labels, or none."""
-        return self.family.conditions(data, self.y_dim)
+    def conditions(self, data: Dataset | None, training: bool = False) -> tuple[Tensor, ...]:
+        """The per-point arguments the model takes after ``x`` for ``data``: one-hot labels, or none.
+
+        ``training``: ``data`` is the training split (a semi-supervised model keeps some of its labels).
+        """
+        return self.family.conditions(data, self.y_dim, self.model, training, self.fit.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
