@@ -15,6 +15,7 @@ MODELS = {
     "hvae-bottom-up": ["--model", "hvae", "--z-dims", "4,2", "--objective", "iwae-dreg"],
     "vqvae": ["--model", "vqvae", "--z-dim", "2", "--codebook-size", "8", "--num-codes", "3"],
     "gmvae": ["--model", "gmvae", "--z-dim", "2", "--clusters", "3"],
+    "ssvae": ["--model", "ssvae", "--z-dim", "2", "--labels-per-class", "5"],
 }
 
 
@@ -40,6 +41,8 @@ def test_fit_writes_the_run_and_evaluate_reloads_it(runs, name):
         assert metrics["rate_bits"] == pytest.approx(9.0)  # 3 codes of log2 8 bits
     else:
         assert metrics["test_elbo"] <= metrics["test_log_likelihood"]
+    if name == "ssvae":  # the classifier q(y | x) on the test split's labels
+        assert 0.0 <= metrics["test_accuracy"] <= 1.0
     if name == "gmvae":  # digits has labels: the clusters are matched to them
         assert 0.1 <= metrics["test_clustering_accuracy"] <= 1 and 1 <= metrics["test_clusters_used"] <= 3
 

@@ -71,7 +71,7 @@ def test_vimco_is_unbiased_and_less_noisy_than_the_plain_score_function_at_k_10(
     for grads in (vimco, score):
         standard_error = grads.std(0) / math.sqrt(repeats)
         assert ((grads.mean(0) - exact).abs() < 4 * standard_error + 1e-6).all()
-    assert vimco.var(0).sum() < 0.25 * score.var(0).sum()
+    assert vimco.var(0).sum() < 0.01 * score.var(0).sum()  # measured: 0.0136 against 23.6, 1/1700
 
 
 def test_the_elbos_score_function_gradient_is_unbiased():
