@@ -65,12 +65,24 @@ def _latent_sites(trace: poutine.Trace, batch_size: int) -> list[tuple[str, dict
     """The guide's per-point latent sites: inside its plate over the ``batch_size`` data points.
 
     Global latents (outside that plate) are left out: every tool here reads one value per point.
+    So are discrete ones (a semi-supervised guide's label): the tools read continuous codes.
     """
     plate = data_plate_of(trace, batch_size, vectorizing=(DRAWS_PLATE,))
-    sites = local_latent_sites(trace, "the latent-space tools", vectorizing=(DRAWS_PLATE,), plate=plate)
+    sites = [
+        (name, site)
+        for name, site in local_latent_sites(trace, "the latent-space tools", vectorizing=(DRAWS_PLATE,), plate=plate)
+        if not _is_discrete(site["fn"])
+    ]
     if not sites:
         raise InputError(f"the guide has no latent sample site inside its plate {plate!r} over the data points")
     return sites
+
+
+def _is_discrete(fn: Any) -> bool:
+    try:
+        return bool(fn.support.is_discrete)
+    except NotImplementedError:  # a dependent support that does not say
+        return False
 
 
 def _guide_trace(guide: Guide, x: Tensor, *args: Tensor) -> poutine.Trace:

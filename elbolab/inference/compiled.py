@@ -337,6 +337,9 @@ class CompiledStep:
         plain = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                  "decoupled_weight_decay": False}
         one_kind = len({(p.device, p.dtype) for p in params}) == 1
+        if getattr(objective, "baseline", None) is not None:
+            raise NotTraceable("the score-function gradient's baseline b(x) is a network of the objective, outside the "
+                               "traced pair, whose parameters the graph would hold as constants")
         if getattr(objective, "computes_own_gradients", False):
             raise NotTraceable(f"Pyro's {objective.name} back-propagates inside its loss_and_grads, which a traced graph cannot hold")
         if type(optimizer) is not torch.optim.Adam or not optimizer.defaults.get("fused") or len(optimizer.param_groups) != 1 \

@@ -237,7 +237,8 @@ def fit(
         checkpoint_metadata: JSON-serializable data stored in the checkpoint (the CLI stores the
             run's config), read back with :func:`~elbolab.inference.training_checkpoint.read_checkpoint`.
         **options: FitConfig's fields by name, overriding ``config`` (``epochs=20``,
-            ``objective="iwae:k=5"``; ``objective`` may also be an objective instance), and any
+            ``objective="iwae:k=5"``, ``"pyro:TraceEnum_ELBO"``; ``objective`` may also be an objective instance,
+            a ``pyro.infer.ELBO`` among them), and any
             other keyword is an option of the objective, passed to
             :func:`~elbolab.inference.get_objective` (``alpha=0.5``).
 

@@ -81,3 +81,15 @@ def test_ten_labels_per_class_train_a_classifier_on_digits():
     unlabelled = torch.full((test.num_points,), -1)
     x = torch.bernoulli(test.x, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(log_likelihood(model, guide, x, unlabelled, num_samples=50)).all()
+
+
+def test_the_latent_space_tools_read_the_code_and_leave_the_label_out():
+    from elbolab.analysis import active_units, unit_activity
+
+    torch.manual_seed(0)
+    model = SemiSupervisedVAE(6, 3, 2, hidden=(8,))
+    guide = SemiSupervisedGuide(model).eval()
+    x = torch.bernoulli(torch.full((20, 6), 0.5))
+    activity = unit_activity(guide, x, torch.full((20,), -1), num_samples=4)
+    assert set(activity.site) == {"z"} and len(activity) == 2
+    assert 0 <= active_units(guide, x, torch.full((20,), -1)) <= 2
