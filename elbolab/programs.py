@@ -15,7 +15,7 @@ is still trained: ``fit`` also takes every leaf tensor the first step's loss dep
 
 from __future__ import annotations
 
-__all__ = ["ProgramModule", "as_module", "modules_behind"]
+__all__ = ["ProgramModule", "as_module", "is_traced", "modules_behind"]
 
 import functools
 from collections.abc import Callable
@@ -94,3 +94,16 @@ def as_module(program: Any) -> Any:
         return program
     modules = modules_behind(program)
     return ProgramModule(program, modules) if modules else program
+
+
+def is_traced() -> bool:
+    """Whether the program runs under ``make_fx`` (the compiled step's tracer): checks that read values on the host skip then.
+
+    A program checks its inputs eagerly on its first run (the pair's check, the first step); a
+    trace of it must not branch on tensor values, so such checks are left out of the graph.
+    """
+    from torch.fx.experimental.proxy_tensor import (
+        get_proxy_mode,  # torch.fx internals: imported when asked
+    )
+
+    return get_proxy_mode() is not None

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbolab.config import is_real
 from elbolab.errors import InputError
-from elbolab.models.semisupervised import MISSING, SemiSupervisedVAE, beside
+from elbolab.models.semisupervised import MISSING, SemiSupervisedVAE, beside, one_hot
 from elbolab.nn import GaussianEncoder, mlp
 from elbolab.param_store import register
+from elbolab.programs import is_traced
 
 
 class SemiSupervisedGuide(nn.Module):
@@ -55,14 +55,14 @@ class SemiSupervisedGuide(nn.Module):
         if labels is not None:
             if labels.is_floating_point() or labels.shape != (x.shape[0],):
                 raise InputError(f"the labels must be integers [N] with -1 where missing, got {labels.dtype} {tuple(labels.shape)}")
-            if labels.numel() and (labels.min() < MISSING or labels.max() >= self.num_classes):
+            if not is_traced() and labels.numel() and (labels.min() < MISSING or labels.max() >= self.num_classes):
                 raise InputError(f"labels must lie in 0..{self.num_classes - 1}, or be -1 where missing")
             labelled = labels >= 0
-            given = F.one_hot(labels.clamp(min=0), self.num_classes).to(probs.dtype)
+            given = one_hot(labels.clamp(min=0), self.num_classes, probs.dtype)
             probs = torch.where(labelled.unsqueeze(-1), given, probs)
         with pyro.plate("data", x.shape[0]):
             label = pyro.sample("y", dist.Categorical(probs), infer={"enumerate": "parallel"})
-            loc, scale = self.encoder(beside(x, F.one_hot(label, self.num_classes).to(x.dtype)))
+            loc, scale = self.encoder(beside(x, one_hot(label, self.num_classes, x.dtype)))
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
             if self.training and labelled is not None and self.alpha > 0:
                 # alpha * -log q(y | x) of each labelled point, added to the loss as a guide log density.

@@ -27,7 +27,7 @@ mode) does.
 
 from __future__ import annotations
 
-__all__ = ["MISSING", "SemiSupervisedVAE", "beside", "keep_labels"]
+__all__ = ["MISSING", "SemiSupervisedVAE", "beside", "keep_labels", "one_hot"]
 
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +35,6 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbolab.config import is_integer
@@ -46,6 +45,11 @@ from elbolab.nn import mlp
 from elbolab.param_store import register
 
 MISSING = -1
+
+
+def one_hot(index: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``F.one_hot`` as a comparison: no read of the values on the host, so that a traced step can hold it."""
+    return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).to(dtype)
 
 
 def beside(a: Tensor, b: Tensor) -> Tensor:
@@ -118,7 +122,7 @@ class SemiSupervisedVAE(nn.Module):
         with pyro.plate("data", n):
             label = pyro.sample("y", dist.Categorical(logits=self.label_logits))
             z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
-            inputs = beside(z, F.one_hot(label, self.num_classes).to(z.dtype))
+            inputs = beside(z, one_hot(label, self.num_classes, z.dtype))
             return pyro.sample("x", self.observation(self.decoder(inputs)), obs=x)
 
     def reconstruct(self, x: Tensor, labels: Tensor | None = None, guide: Any = None, *, mean: bool = True) -> Tensor:

@@ -27,7 +27,10 @@ from elbolab.inference.step import RunningSums, collect_params, make_adam, step_
 from elbolab.models import VAE, VQVAE, ModelConfig
 
 OPTIONS = {"vae": {"z_dim": 3}, "cvae": {"z_dim": 3}, "hvae": {"z_dims": (4, 3)}, "autoencoder": {"z_dim": 3},
-           "vqvae": {"codebook_size": 6, "num_codes": 2, "z_dim": 3}}
+           "vqvae": {"codebook_size": 6, "num_codes": 2, "z_dim": 3}, "gmvae": {"clusters": 3, "z_dim": 2},
+           "ssvae": {"z_dim": 2, "labels_per_class": 1}}
+# Families with discrete latents: the objectives a trace covers for them (the others refuse their sites by name).
+DISCRETE_OBJECTIVES = {"gmvae": ("elbo", "iwae"), "ssvae": ("iwae",)}
 OBJECTIVE_SPECS = {
     "elbo": {}, "elbo-analytic": {}, "elbo-stl": {}, "iwae": {"num_particles": 3}, "iwae-stl": {"num_particles": 3},
     "iwae-dreg": {"num_particles": 3}, "renyi": {"num_particles": 3, "alpha": 0.5}, "reconstruction": {},
@@ -37,6 +40,9 @@ OBJECTIVE_SPECS = {
 def _cases():
     for name, family in FAMILIES.items():
         objectives = family.objectives or [o for o in OBJECTIVE_SPECS if o != "reconstruction"]
+        if name in DISCRETE_OBJECTIVES:  # enumerated (gmvae) or sampled (ssvae) sites, on the default guide
+            yield from ((name, family.guides[0], objective) for objective in DISCRETE_OBJECTIVES[name])
+            continue
         for guide in family.guides:
             for objective in objectives:
                 if guide in ("mixture", "flow", "bottom-up") and objective == "elbo-analytic":
@@ -58,6 +64,8 @@ def _batch(name, points=5):
     x = torch.bernoulli(torch.full((points, 12), 0.4), generator=generator)
     if name == "cvae":
         return x, nn.functional.one_hot(torch.arange(points) % 3, 3).float()
+    if name == "ssvae":  # labels for some points, -1 for the others
+        return x, torch.tensor([0, -1, 2, -1, 1][:points])
     return (x,)
 
 

@@ -74,7 +74,7 @@ def test_ten_labels_per_class_train_a_classifier_on_digits():
     pyro.set_rng_seed(0)
     model = SemiSupervisedVAE(64, 10, 8, hidden=(128,))
     guide = SemiSupervisedGuide(model)
-    fit(model, guide, train, args=(labels,), objective="pyro:TraceEnum_ELBO", epochs=60, lr=3e-3, progress=False)
+    fit(model, guide, train, args=(labels,), objective="pyro:TraceEnum_ELBO", epochs=40, lr=3e-3, progress=False)
     accuracy = (guide.classify(test.x).argmax(-1) == test.y).float().mean().item()
     # The logistic regression on 100 digits is already at 0.92 (the issue's +10 points is above 1): at least as good.
     assert accuracy >= baseline_accuracy - 0.02 and accuracy > 0.88
