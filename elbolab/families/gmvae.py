@@ -6,7 +6,6 @@ __all__ = ["FAMILY"]
 
 from torch import Tensor
 
-from elbolab.analysis.clustering import cluster_probabilities, clustering_accuracy
 from elbolab.families.family import ONE_LATENT_FIELDS, Family, Metrics, importance_metrics
 from elbolab.guides import GuideConfig, build_guide
 from elbolab.guides.config import SINGLE_SITE
@@ -26,6 +25,9 @@ def build_gmvae_guide(config: GuideConfig, model: GaussianMixtureVAE):
 def cluster_metrics(model: GaussianMixtureVAE, guide, x: Tensor, conditions: tuple[Tensor, ...], *, num_samples: int,
                     progress: bool | None, compile: bool = False, labels: Tensor | None = None) -> Metrics:
     """The VAE's metrics, and with labels the clustering accuracy (best matching of clusters to labels)."""
+    # elbolab.analysis (ArviZ, matplotlib) and scipy are imported here, not by the CLI's start-up.
+    from elbolab.analysis.clustering import cluster_probabilities, clustering_accuracy
+
     split, run = importance_metrics(model, guide, x, conditions, num_samples=num_samples, progress=progress,
                                     compile=compile)
     clusters = cluster_probabilities(model, guide, x).argmax(-1)
