@@ -59,7 +59,7 @@ def reference(tmp_path_factory):
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(reference, tmp_path):
     rng = random.Random(7)
-    for attempt in range(3):
+    for attempt in range(2):  # two runs of two random kills each (a third took 17 s of the suite's 10 minutes)
         out = tmp_path / f"run{attempt}"
         checkpoint = out / "checkpoint.safetensors"
         process = start(*FIT, "--out", str(out))

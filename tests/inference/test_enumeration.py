@@ -89,7 +89,12 @@ def test_log_likelihood_sums_out_the_component_exactly(pair):
     assert (estimate.log_likelihood - exact).abs().max() < 0.01
     assert (estimate.elbo - exact).abs().max() < 0.01  # zero-variance weights: the ELBO is log p(x) too
     assert torch.allclose(estimate.ess, torch.full_like(estimate.ess, 20.0), rtol=1e-3)
-    assert log_likelihood(model, guide, x, num_samples=5, compile=True).sub(exact).abs().max() < 0.01
+
+
+@pytest.mark.slow  # an Inductor compile, about 10 s; the compiled step's enumeration is in test_compiled.py's breadth
+def test_the_compiled_estimate_sums_out_the_component_too(pair):
+    model, guide, x = pair
+    assert log_likelihood(model, guide, x, num_samples=5, compile=True).sub(model.log_evidence(x)).abs().max() < 0.01
 
 
 def test_reconstruction_is_the_likelihood_given_z_with_the_component_summed_out(pair):
