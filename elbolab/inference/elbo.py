@@ -179,7 +179,7 @@ class ELBO(pyro.infer.ELBO):
             )
         if self.discrete == "pathwise":
             refuse_not_reparameterized(contract, "the ELBO's pathwise gradient (discrete='pathwise')")
-        if name in contract.global_latents:
+        for name in (n for n in contract.not_reparameterized if n in contract.global_latents):
             raise InputError(
                 f"the guide's site {name!r} has no reparameterized sampler and sits outside the data plate (a global "
                 "latent): the score-function gradient weighs each data point's sites, and this one has no point"
@@ -203,8 +203,10 @@ class ELBO(pyro.infer.ELBO):
         signal = log_w if isinstance(self.beta, float) and self.beta == 1.0 else log_lik + self.beta * (log_w - log_lik)
         signal = signal.detach()
         data_dim = data_plate_dim(model_trace, contract.data_plate)
+        # The signal carries the data plate's scale (N / B in training) already: log q does not, or
+        # the gradient would carry it twice.
         log_q = sum(
-            per_point(site_log_prob(guide_trace.nodes[name]), -(nesting + 1), data_dim) for name in scored
+            per_point(site_log_prob(guide_trace.nodes[name], scaled=False), -(nesting + 1), data_dim) for name in scored
         )
         if self.discrete == "baseline":
             baseline = self._baseline(x)(x.reshape(x.shape[0], -1)).squeeze(-1)  # [N]

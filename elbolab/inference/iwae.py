@@ -165,7 +165,8 @@ class IWAE(pyro.infer.ELBO):
         k = local.shape[0]
         nesting = self.plate_nesting
         data_dim = data_plate_dim(model_trace, contract.data_plate)
-        log_q = sum(per_point(site_log_prob(guide_trace.nodes[name]), -(nesting + 1), data_dim)
+        # Unscaled, as the log weights are: the data plate's scale multiplies the bound after this term is added.
+        log_q = sum(per_point(site_log_prob(guide_trace.nodes[name], scaled=False), -(nesting + 1), data_dim)
                     for name in contract.not_reparameterized)  # [K, N]
         weights = local.detach()
         bound = weights.logsumexp(0) - math.log(k)

@@ -175,3 +175,25 @@ def test_the_concrete_relaxation_trains_one_hot_latents_and_refuses_integer_ones
     assert (log_likelihood(one_hot_model, guide, x, num_samples=2000) - exact).abs().mean() < 0.03
     with pytest.raises(InputError, match="site 'c' is Categorical, whose integer values a model indexes with"):
         get_objective("elbo", discrete="relaxed").differentiable_loss(model, Guide(), X)
+
+
+# (With a baseline it holds once b(x) has learned the scaled signal, not at its initialisation.)
+@pytest.mark.parametrize("spec", ["elbo:discrete=score", "iwae:k=4", "iwae:k=4:discrete=score"])
+def test_a_minibatch_scale_multiplies_the_score_function_gradient_once(spec):
+    # Under fit's data-plate scale N / B the loss, and so its whole gradient, is N / B times the batch's.
+    from elbolab.contract import DataPlateScale, pair_contract
+    from elbolab.inference.objectives import parse_objective_spec
+
+    x = torch.tensor([[0.8], [-1.5], [2.2]])
+    contract = pair_contract(model, Guide(), (x,))
+    grads = []
+    for scale in (1.0, 4.0):
+        guide = Guide()
+        name, options = parse_objective_spec(spec)
+        objective = get_objective(name, **options)
+        pyro.set_rng_seed(5)
+        torch.manual_seed(5)  # the baseline network's initialisation
+        with DataPlateScale(contract.plates, scale, torch.arange(3)):
+            loss = objective.differentiable_loss(model, guide, x)
+        grads.append(torch.autograd.grad(loss, guide.logits)[0])
+    assert torch.allclose(grads[1], 4.0 * grads[0], rtol=1e-4, atol=1e-6)
