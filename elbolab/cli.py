@@ -199,7 +199,7 @@ def _fit(args: argparse.Namespace) -> None:
         skipped_text = f"; {skipped} non-finite steps skipped, {int(last['restorations'])} restorations" if skipped else ""
         device = resolve_device(config.fit.device)
         where = f"{world_size} processes on {device.type}" if world_size > 1 else str(device)
-        print(f"{out}: {config.fit.epochs} epochs ({seconds:.1f} s in this session) on {where}, training loss "
+        print(f"{out}: {int(last['epoch'])} epochs ({seconds:.1f} s in this session) on {where}, training loss "
               f"{last['train_loss']:.3f}{valid_text} nats/point{skipped_text}")
 
 
@@ -218,7 +218,7 @@ def _refuse_options_on_resume(args: argparse.Namespace) -> None:
 
 def _with_resume_flags(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     given = vars(args)
-    fit_changes = {name: given[f"fit.{name}"] for name in ("epochs", "device", "compile") if f"fit.{name}" in given}
+    fit_changes = {name: given[f"fit.{name}"] for name in ("epochs", "device", "compile", "max_minutes") if f"fit.{name}" in given}
     data = replace(config.data, data_dir=given["data.data_dir"]) if "data.data_dir" in given else config.data
     return replace(config, fit=replace(config.fit, **fit_changes), data=data)
 

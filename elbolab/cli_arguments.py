@@ -27,7 +27,7 @@ from elbolab.version import __version__
 
 DESCRIPTION = "fit, evaluate, diagnose and sample from latent-variable models"
 # Options a resumed run may change: they alter neither the model nor the optimization already done.
-RESUME_FLAGS = ("--epochs", "--device", "--data-dir", "--compile")
+RESUME_FLAGS = ("--epochs", "--device", "--data-dir", "--compile", "--max-minutes")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,6 +154,9 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--warmup": ("fit", "warmup", {"type": _non_negative_int, "metavar": "EPOCHS",
                  "help": "KL warm-up: beta rises linearly from 0 over this many epochs (default 0)"}),
     "--epochs": ("fit", "epochs", {"type": _positive_int, "help": "default 10"}),
+    "--max-minutes": ("fit", "max_minutes", {"type": _float, "metavar": "MIN",
+                      "help": "a budget of training time: stop after the last epoch that ends within it, even before "
+                      "--epochs (compiling and validation excluded; default: no budget)"}),
     "--batch-size": ("fit", "batch_size", {"type": _positive_int, "help": "default 128"}),
     "--lr": ("fit", "lr", {"type": _float, "help": "Adam learning rate (default 1e-3)"}),
     "--clip-grad-norm": ("fit", "clip_grad_norm", {"type": _float, "metavar": "NORM",

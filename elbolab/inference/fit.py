@@ -106,6 +106,10 @@ class FitConfig:
             (:mod:`~elbolab.inference.compiled`: Inductor, and CUDA graphs on a GPU); a step that
             cannot be traced trains eagerly, and ``fit`` says why on stderr. Same noise, same
             results up to rounding; the compile time is kept out of the epochs' ``seconds``.
+        max_minutes: a budget of training time (the epochs' ``seconds``, so compiling and
+            validation excluded): training ends after the last epoch that, judged by the
+            previous one's time, ends within it, even if fewer than ``epochs`` ran (``None``: no
+            budget). A run stopped by its budget resumes like any other, to train on.
     """
 
     objective: str = "elbo"
@@ -122,6 +126,7 @@ class FitConfig:
     max_restorations: int = 3
     checkpoint_every: int = 1
     compile: bool = False
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("particles", "epochs", "batch_size", "max_bad_steps", "checkpoint_every"):
@@ -141,6 +146,8 @@ class FitConfig:
         restorations = self.max_restorations
         if not is_integer(restorations) or restorations < 0:
             raise InputError(f"max_restorations must be a non-negative integer, got {restorations}")
+        if self.max_minutes is not None and not (is_real(self.max_minutes) and self.max_minutes > 0):
+            raise InputError(f"max_minutes must be a positive number of minutes, got {self.max_minutes!r}")
         if not isinstance(self.compile, bool):
             raise InputError(f"compile must be true or false, got {self.compile!r}")
         resolve_device(self.device)
@@ -210,6 +217,7 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     checkpoint_metadata: dict[str, Any] | None = None,
+    monitor: Any = None,
     **options: Any,
 ) -> FitResult:
     """Train ``model`` and ``guide`` by stochastic gradient descent on an objective.
@@ -236,6 +244,12 @@ def fit(
             ``epochs`` may be larger, to train on.
         checkpoint_metadata: JSON-serializable data stored in the checkpoint (the CLI stores the
             run's config), read back with :func:`~elbolab.inference.training_checkpoint.read_checkpoint`.
+        monitor: an object told of every step and epoch (rank 0 only), e.g. a
+            :class:`~elbolab.runs.tensorboard.TensorBoardMonitor`: ``monitor.step(step, sums, beta, lr)``
+            after each step, with ``sums`` the epoch's running ``loss, points, skipped`` on the
+            device (copy them; reading them syncs the host), and ``monitor.epoch(row, model,
+            guide)`` after each epoch with its history row. ``None``: nothing is told, and the
+            loop is as without it.
         **options: FitConfig's fields by name, overriding ``config`` (``epochs=20``,
             ``objective="iwae:k=5"``, ``"pyro:TraceEnum_ELBO"``; ``objective`` may also be an objective instance,
             a ``pyro.infer.ELBO`` among them), and any
@@ -350,6 +364,8 @@ def fit(
                     # keep the batch's share, so that the epoch's mean is nats per data point.
                     take_step(loss if not contract.needs_scaling else loss * (points / train.num_points), points, sums)
                 done.step += 1
+                if monitor is not None and leader:
+                    monitor.step(done.step, sums.epoch, getattr(objective, "beta", math.nan), optimizer.param_groups[0]["lr"])
                 if done.step % CHECK_EVERY == 0:
                     guard.check(sums, done)
             guard.check(sums, done)
@@ -370,15 +386,35 @@ def fit(
             order = None
             done.epoch, done.batch, done.epoch_seconds = epoch, 0, 0.0
             guard.keep_good_state()
-            if checkpoint is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+            out_of_time = _budget_spent(config.max_minutes, done.history, group)
+            if checkpoint is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs or out_of_time):
                 saved.save(done, order, sums.tally)
             bar.set_postfix(loss=f"{train_loss:.3f}", valid_elbo=f"{valid_elbo:.3f}", **{k: f"{v:.4g}" for k, v in report.items()})
+            if monitor is not None and leader:
+                monitor.epoch(done.history[-1], model, guide)
+            if out_of_time:
+                if say and epoch < config.epochs:
+                    print(f"fit: the budget of {config.max_minutes:g} minutes is spent after {epoch} of "
+                          f"{config.epochs} epochs", file=sys.stderr)
+                break
     _set_train(model, guide, False)
     result = _result(model, guide, objective, done, say_skipped=say)
     result.compile_seconds = compiled.compile_seconds if compiled is not None else 0.0
     result.compiled = compiled is not None and compiled.active
     result.not_compiled = not_compiled
     return result
+
+
+def _budget_spent(max_minutes: float | None, history: list[dict[str, Any]], group: Any) -> bool:
+    """Whether another epoch as long as the last would end past ``max_minutes`` of training.
+
+    Under ``torchrun`` rank 0's clock decides for every rank, so that all stop after the same epoch.
+    """
+    if max_minutes is None:
+        return False
+    spent = sum(row["seconds"] for row in history)
+    over = spent + history[-1]["seconds"] > 60 * max_minutes
+    return group.any(over) if group is not None else over
 
 
 # FitConfig's fields: fit's keywords of the same names override the config's.

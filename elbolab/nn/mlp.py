@@ -1,7 +1,7 @@
-"""The networks that models and guides are built from: a multilayer perceptron and an encoder.
+"""A multilayer perceptron, and the Gaussian encoder head every guide builds on.
 
-Kept in one place so that every guide (Gaussian here; mixture and flow guides later) reuses the
-same encoder trunk, and every decoder the same MLP.
+The encoder's trunk may be any module mapping ``[N, D]`` to ``[N, F]`` features (a
+convolutional one from :mod:`elbolab.nn.conv`): the head only needs ``F``.
 """
 
 from __future__ import annotations
