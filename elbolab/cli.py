@@ -45,7 +45,7 @@ from elbolab.analysis import (
     summarize,
     to_markdown,
 )
-from elbolab.cli_arguments import FIT_FLAGS, RESUME_FLAGS, build_parser, run_config
+from elbolab.cli_arguments import FIT_FLAGS, RESUME_FLAGS, binarization_note, build_parser, run_config
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.files import atomic_write, read_json, write_json
@@ -169,6 +169,9 @@ def _plan_fit(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def _fit(args: argparse.Namespace) -> None:
     config, out = _plan_fit(args)
     world_size, leader = environment_world_size(), environment_rank() == 0
+    note = binarization_note(args, config) if args.resume is None else None
+    if note and leader and not args.quiet:
+        print(f"elbolab fit: {note}", file=sys.stderr)
     config, train, valid = _training_data(config)
     pyro.set_rng_seed(config.fit.seed)
     model = config.new_model(train)
@@ -252,6 +255,9 @@ def _compare(args: argparse.Namespace) -> None:
         config, specs, seeds, num_samples = _resumed_comparison(args)
     else:
         config = run_config(args, comparing=True)
+        note = binarization_note(args, config)
+        if note and not args.quiet:
+            print(f"elbolab compare: {note}", file=sys.stderr)
         if not args.objectives:
             raise InputError("compare needs --objectives, e.g. --objectives elbo,iwae:k=5 (or --resume OUT)")
         specs = [spec for spec in args.objectives.split(",") if spec.strip()]

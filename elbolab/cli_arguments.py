@@ -7,7 +7,7 @@ flags that several commands take are declared once (:data:`SHARED_FLAGS`).
 
 from __future__ import annotations
 
-__all__ = ["FIT_FLAGS", "RESUME_FLAGS", "SHARED_FLAGS", "build_parser", "run_config"]
+__all__ = ["FIT_FLAGS", "RESUME_FLAGS", "SHARED_FLAGS", "binarization_note", "build_parser", "run_config"]
 
 import argparse
 import math
@@ -98,8 +98,8 @@ def _widths(text: str) -> list[int]:
 
 
 def _binarize(text: str) -> str | None:
-    if text not in ("none", "threshold", "dynamic"):
-        raise argparse.ArgumentTypeError(f"expected none, threshold or dynamic, got {text!r}")
+    if text not in ("none", "threshold", "dynamic", "auto"):
+        raise argparse.ArgumentTypeError(f"expected none, threshold, dynamic or auto, got {text!r}")
     return None if text == "none" else text
 
 
@@ -110,13 +110,15 @@ def _obs_scale(text: str) -> float | None:
 # flag -> (config section, field, argparse options); every flag fills one dataclass field.
 FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "--data": ("data", "name", {"metavar": "NAME", "help": f"data set: {', '.join(DATASETS)} (default digits)"}),
-    "--data-dir": ("data", "data_dir", {"metavar": "DIR", "help": "folder of the data set's files"}),
+    "--data-dir": ("data", "data_dir", {"metavar": "DIR", "help": "folder of the data set's files (default: none, "
+                   "which the embedded and synthetic data sets need)"}),
     "--binarize": ("data", "binarize", {"type": _binarize, "metavar": "MODE",
-                   "help": "none, threshold (x>0.5) or dynamic (x~Bernoulli(x) per batch); default none"}),
+                   "help": "none, threshold (x>0.5), dynamic (x~Bernoulli(x) per batch) or auto: dynamic for "
+                   "grayscale images under the bernoulli likelihood, none otherwise (default auto)"}),
     "--train-split": ("data", "train_split", {"choices": ["train", "train+valid"],
-                      "help": "train (and report the validation ELBO each epoch) or train+valid"}),
+                      "help": "train (and report the validation ELBO each epoch) or train+valid (default train)"}),
     "--model": ("model", "name", {"choices": list(FAMILIES),
-                "help": "; ".join(f"{name}: {family.summary}" for name, family in FAMILIES.items()) + " (default: the first)"}),
+                "help": "; ".join(f"{name}: {family.summary}" for name, family in FAMILIES.items()) + f" (default {ModelConfig().name})"}),
     "--z-dim": ("model", "z_dim", {"type": _positive_int, "help": "latent width, or the width of each code vector (default 20)"}),
     "--z-dims": ("model", "z_dims", {"type": _widths, "metavar": "W,W[,W...]",
                  "help": "widths of the stochastic layers, the one next to the data first (default 50,20)"}),
@@ -203,7 +205,8 @@ def _owned_help(section: str, name: str, text: str) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """``--config`` and the flags of :data:`FIT_FLAGS`; only flags given on the command line override."""
     parser.add_argument("--config", type=Path, metavar="TOML",
-                        help="TOML file with [data], [model], [fit] tables; flags override it")
+                        help="TOML file with [data], [model], [guide], [fit] tables; flags override it (default: "
+                        "none, every option at the default given here)")
     for flag, (section, name, options) in FIT_FLAGS.items():
         if flag in skip:
             continue
@@ -223,12 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model and guide with SVI and write a run folder: config.json, history.csv, "
         "weights.safetensors, loss_curves.png, reconstructions.png, samples.png.",
         epilog="examples:\n"
-        "  elbolab fit --binarize dynamic --epochs 100 --out runs/digits\n"
+        "  elbolab fit --epochs 100 --out runs/digits   # digits, dynamically binarized\n"
         "  elbolab fit --data binarized-mnist --data-dir DIR --train-split train+valid \\\n"
         "      --hidden 200,200 --z-dim 50 --activation tanh --batch-size 100 --epochs 30\n"
         "  elbolab fit --config run.toml --seed 3   # [data], [model], [fit] tables; flags override\n\n"
-        "A Bernoulli likelihood needs binary data: binarize grayscale data sets, or choose\n"
-        "--likelihood continuous-bernoulli or gaussian with --binarize none.",
+        "A Bernoulli likelihood needs binary data: grayscale data sets are binarized dynamically\n"
+        "unless --binarize says otherwise; to model the gray levels, choose --likelihood\n"
+        "continuous-bernoulli or gaussian.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_flags(fit_parser)
@@ -320,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shared_flags(sample_parser, "--device", "--seed")
     sample_parser.add_argument("--out", type=Path, metavar="FILE", help="output file (default RUN/samples.png, or .csv for non-image data)")
     return parser
+
+
+def binarization_note(args: argparse.Namespace, config: RunConfig) -> str | None:
+    """The line that says how the data were binarized when neither a flag nor the TOML file said (``"auto"``)."""
+    given = vars(args).get("data.binarize", "auto")
+    if args.config is not None and given == "auto":
+        given = tomllib.loads(args.config.read_text()).get("data", {}).get("binarize", "auto")
+    if given != "auto" or config.data.binarize != "dynamic":
+        return None
+    return (f"{config.data.name} is grayscale and the likelihood {config.model.likelihood}: binarized dynamically "
+            "(x ~ Bernoulli(x) at every batch; --binarize none with --likelihood continuous-bernoulli models the gray levels)")
 
 
 def run_config(args: argparse.Namespace, *, comparing: bool = False) -> RunConfig:

@@ -72,7 +72,7 @@ def test_toml_config_fills_the_same_fields_and_flags_override(tmp_path):
         (["fit", "--objective", "elbo-analytc"], "did you mean 'elbo-analytic'"),
         (["fit", "--data", "cifar"], "unknown data set 'cifar'"),
         (["fit", "--data", "binarized-mnist", "--data-dir", "/nonexistent"], "/nonexistent"),
-        (["fit", "--data", "digits"], "bernoulli likelihood needs binary data"),
+        (["fit", "--data", "digits", "--binarize", "none"], "bernoulli likelihood needs binary data"),
         (["fit", "--model", "autoencoder", "--binarize", "dynamic"], "--objective reconstruction"),
         (["fit", "--binarize", "dynamic", "--device", "cuda:7"], "CUDA is not available"),
         (["fit", "--hidden", "10,x"], "--hidden"),

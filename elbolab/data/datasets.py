@@ -14,7 +14,7 @@ file is missing, the error says which file, where it was looked for and where to
 
 from __future__ import annotations
 
-__all__ = ["BINARIZE", "DATASETS", "DataConfig", "Dataset", "check_data", "load_dataset"]
+__all__ = ["BINARIZE", "DATASETS", "DataConfig", "Dataset", "binarization_for", "check_data", "load_dataset"]
 
 import gzip
 import io
@@ -33,7 +33,9 @@ from elbolab.data.synthetic import LinearGaussian
 from elbolab.errors import InputError, closest_names
 
 SPLITS = ("train", "valid", "test", "train+valid")
-BINARIZE = (None, "threshold", "dynamic")
+BINARIZE = (None, "threshold", "dynamic", "auto")
+# The likelihoods for which "auto" binarizes grayscale images: those whose support is {0, 1}.
+BINARY_LIKELIHOODS = ("bernoulli",)
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,15 @@ class DataConfig:
     Attributes:
         name: a key of :data:`DATASETS`.
         data_dir: directory holding the files, for data sets read from files.
-        binarize: ``None``, ``"threshold"`` (x > 0.5, fixed) or ``"dynamic"`` (resampled per batch).
+        binarize: ``None``, ``"threshold"`` (x > 0.5, fixed), ``"dynamic"`` (resampled per batch),
+            or ``"auto"``: dynamic for grayscale images under a Bernoulli likelihood, none otherwise
+            (:func:`binarization_for`). A run's config records what ``"auto"`` became.
         train_split: ``"train"`` (validated on ``"valid"`` each epoch) or ``"train+valid"``.
     """
 
     name: str = "digits"
     data_dir: str | None = None
-    binarize: str | None = None
+    binarize: str | None = "auto"
     train_split: str = "train"
 
     def __post_init__(self) -> None:
@@ -97,7 +101,7 @@ class DataConfig:
             raise InputError(f"unknown data set {self.name!r}; {closest_names(self.name, DATASETS)}")
         if self.binarize not in BINARIZE:
             raise InputError(
-                f"binarize must be one of none, threshold, dynamic; got {self.binarize!r}"
+                f"binarize must be one of none, threshold, dynamic, auto; got {self.binarize!r}"
             )
         if self.train_split not in ("train", "train+valid"):
             raise InputError(f"train_split must be train or train+valid, got {self.train_split!r}")
@@ -110,7 +114,28 @@ class DataConfig:
         return dataclass_from_dict(cls, values, source)
 
     def load(self, split: str = "train") -> Dataset:
-        return load_dataset(self.name, split, data_dir=self.data_dir, binarize=self.binarize)
+        """The split, binarized as ``binarize`` says (``"auto"``: as for a Bernoulli likelihood)."""
+        binarize = binarization_for(self.name, "bernoulli") if self.binarize == "auto" else self.binarize
+        return load_dataset(self.name, split, data_dir=self.data_dir, binarize=binarize)
+
+    def for_likelihood(self, likelihood: str) -> DataConfig:
+        """This section with ``binarize="auto"`` replaced by what it means under ``likelihood``."""
+        if self.binarize != "auto":
+            return self
+        return DataConfig(self.name, self.data_dir, binarization_for(self.name, likelihood), self.train_split)
+
+
+def binarization_for(name: str, likelihood: str) -> str | None:
+    """What ``binarize="auto"`` means: ``"dynamic"`` for a grayscale image data set under a likelihood
+    on {0, 1}, else ``None``.
+
+    Dynamic binarization (resampling x ~ Bernoulli(x) at every batch, Salakhutdinov & Murray 2008)
+    rather than a threshold: it is the usual protocol of the VAE literature on grayscale MNIST,
+    and it does not overfit one draw of the pixels. Data already binary, real-valued data and
+    likelihoods of gray levels (continuous Bernoulli, Gaussian) are left as they are.
+    """
+    grayscale = name in DATASETS and not DATASETS[name][1] and name not in REAL_VALUED
+    return "dynamic" if grayscale and likelihood in BINARY_LIKELIHOODS else None
 
 
 def check_data(x: np.ndarray | Tensor, source: str, *, low: float = 0.0, high: float = 1.0) -> None:
@@ -453,6 +478,10 @@ DATASETS: dict[str, tuple[Loader | None, bool]] = {
 }
 
 
+# Data sets whose values are not gray levels in [0, 1]: never binarized by "auto".
+REAL_VALUED = ("synthetic-linear-gaussian",)
+
+
 def load_dataset(
     name: str,
     split: str = "train",
@@ -483,7 +512,7 @@ def load_dataset(
         raise InputError(f"unknown data set {name!r}; {closest_names(name, DATASETS)}")
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r} for {name}; {closest_names(split, SPLITS)}")
-    if binarize not in BINARIZE:
+    if binarize not in BINARIZE[:3]:
         raise InputError(f"binarize must be one of none, threshold, dynamic; got {binarize!r}")
     if name == "synthetic-linear-gaussian":
         if binarize is not None:

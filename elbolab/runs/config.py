@@ -59,6 +59,7 @@ class RunConfig:
             raise InputError(f"image_shape must be two positive integers whose product is x_dim ({self.x_dim}), got {shape!r}")
         family = get_family(self.model.name)
         self.model = checked_model_config(self.model)
+        self.data = self.data.for_likelihood(self.model.likelihood)  # "auto" becomes what it means here
         self.guide = replace(self.guide, family=family.check_guide(self.guide.family))
         family.check_objective(parse_objective_spec(self.fit.objective)[0])
 
