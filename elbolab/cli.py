@@ -45,7 +45,13 @@ from elbolab.analysis import (
     summarize,
     to_markdown,
 )
-from elbolab.cli_arguments import FIT_FLAGS, RESUME_FLAGS, binarization_note, build_parser, run_config
+from elbolab.cli_arguments import (
+    FIT_FLAGS,
+    RESUME_FLAGS,
+    binarization_note,
+    build_parser,
+    run_config,
+)
 from elbolab.data import Dataset
 from elbolab.errors import InputError
 from elbolab.files import atomic_write, read_json, write_json

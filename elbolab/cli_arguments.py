@@ -22,6 +22,7 @@ from elbolab.guides import FLOWS
 from elbolab.inference.objectives import OBJECTIVES
 from elbolab.models import LIKELIHOODS, ModelConfig
 from elbolab.nn import ACTIVATIONS
+from elbolab.nn.architecture import ARCHITECTURES
 from elbolab.runs import RunConfig
 from elbolab.version import __version__
 
@@ -139,6 +140,23 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                 "help": "ssvae: weight of the classifier's loss on the labelled points (default 50)"}),
     "--hidden": ("model", "hidden", {"type": _widths, "metavar": "W[,W...]",
                  "help": "hidden widths of the encoder, reversed in the decoder (default 400)"}),
+    "--arch": ("model", "arch", {"choices": list(ARCHITECTURES),
+               "help": "the networks: mlp (of --hidden), or conv for images: stride-2 convolutions of --channels in the "
+               "encoder, transposed convolutions back in the decoder (default mlp)"}),
+    "--channels": ("model", "channels", {"type": _widths, "metavar": "C[,C...]",
+                   "help": "conv: channels of the encoder's stages, each halving the image; reversed in the decoder "
+                   "(default 32,64)"}),
+    "--kernel": ("model", "kernel", {"type": _positive_int, "help": "conv: kernel size, odd (default 3)"}),
+    "--residual-blocks": ("model", "residual_blocks", {"type": _non_negative_int, "metavar": "N",
+                          "help": "conv: residual blocks after each stage (default 0)"}),
+    "--gated": ("model", "gated", {"action": "store_true",
+                "help": "conv: gated convolutions, conv_h(x) * sigmoid(conv_g(x)), as in the Sylvester-flows paper "
+                "(default: plain)"}),
+    "--prior": ("model", "prior", {"choices": ["standard", "vamp"],
+                "help": "p(z): standard, N(0, I), or vamp, the VampPrior (1/K) sum_k q(z|u_k) with K learned "
+                "pseudo-inputs (Tomczak & Welling 2018; gaussian guide) (default standard)"}),
+    "--pseudo-inputs": ("model", "pseudo_inputs", {"type": _positive_int, "metavar": "K",
+                        "help": "vamp prior: number of pseudo-inputs, started at training points (default 500)"}),
     "--likelihood": ("model", "likelihood", {"choices": list(LIKELIHOODS), "help": "p(x|z) (default bernoulli)"}),
     "--activation": ("model", "activation", {"choices": list(ACTIVATIONS), "help": "default relu"}),
     "--obs-scale": ("model", "obs_scale", {"type": _obs_scale, "metavar": "S|learned",

@@ -69,9 +69,11 @@ def checked_model_config(config: ModelConfig) -> ModelConfig:
     return family.normalize(config)
 
 
-def build_model(config: ModelConfig, x_dim: int, y_dim: int | None = None) -> nn.Module:
-    """The model a :class:`~elbolab.models.ModelConfig` describes, for data of width ``x_dim`` (``y_dim`` classes, for a cvae)."""
-    return get_family(config.name).build(checked_model_config(config), x_dim, y_dim)
+def build_model(config: ModelConfig, x_dim: int, y_dim: int | None = None,
+                image_shape: tuple[int, int] | None = None) -> nn.Module:
+    """The model a :class:`~elbolab.models.ModelConfig` describes, for data of width ``x_dim`` (``y_dim`` classes,
+    for a cvae; ``image_shape``, for convolutional networks)."""
+    return get_family(config.name).build(checked_model_config(config), x_dim, y_dim, image_shape)
 
 
 def build_model_guide(config: GuideConfig, model: nn.Module) -> nn.Module | None:

@@ -16,7 +16,7 @@ from elbolab.inference.objectives import Reconstruction
 from elbolab.models import Autoencoder, ModelConfig
 
 
-def build(config: ModelConfig, x_dim: int, num_classes: int | None) -> Autoencoder:
+def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> Autoencoder:
     return Autoencoder(x_dim, config.z_dim, config.hidden, likelihood=config.likelihood,
                        activation=config.activation, obs_scale=config.obs_scale)
 

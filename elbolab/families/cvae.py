@@ -13,7 +13,7 @@ from elbolab.guides.config import SINGLE_SITE
 from elbolab.models import ConditionalVAE, ModelConfig
 
 
-def build(config: ModelConfig, x_dim: int, num_classes: int | None) -> ConditionalVAE:
+def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> ConditionalVAE:
     if num_classes is None:
         raise InputError("a cvae needs the number of classes it is conditioned on (y_dim)")
     return ConditionalVAE(x_dim, num_classes, config.z_dim, config.hidden, likelihood=config.likelihood,

@@ -12,7 +12,7 @@ registry (see docs/architecture.md).
 
 from __future__ import annotations
 
-__all__ = ["COMMON_FIELDS", "ONE_LATENT_FIELDS", "Family", "Metrics", "Samples", "importance_metrics", "prior_samples"]
+__all__ = ["ARCHITECTURE_FIELDS", "COMMON_FIELDS", "ONE_LATENT_FIELDS", "Family", "Metrics", "Samples", "importance_metrics", "prior_samples"]
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,6 +32,8 @@ from elbolab.models import ModelConfig, as_condition
 COMMON_FIELDS = ("name", "hidden", "likelihood", "activation", "obs_scale")
 # ... and those of a model with one latent (or code) vector of width z_dim.
 ONE_LATENT_FIELDS = (*COMMON_FIELDS, "z_dim")
+# ... and those of a family whose networks may be convolutional (ModelConfig.architecture).
+ARCHITECTURE_FIELDS = ("arch", "channels", "kernel", "residual_blocks", "gated")
 
 # (metrics of the split, named without the split; metrics of the run, e.g. the number of samples)
 Metrics = tuple[dict[str, float], dict[str, Any]]
@@ -67,7 +69,7 @@ class Family:
         name: the ``[model] name`` (``--model``).
         summary: one line for ``--help``.
         model_class: the model's class; :func:`~elbolab.families.family_of` finds a model's family by it.
-        build: ``build(config, x_dim, num_classes)`` -> a freshly initialised model.
+        build: ``build(config, x_dim, num_classes, image_shape)`` -> a freshly initialised model.
         fields: the :class:`~elbolab.models.ModelConfig` fields it reads; another field set away
             from its default is refused (it would be silently ignored; see
             :func:`~elbolab.families.checked_model_config`).
@@ -90,7 +92,7 @@ class Family:
     name: str
     summary: str
     model_class: type[nn.Module]
-    build: Callable[[ModelConfig, int, int | None], nn.Module]
+    build: Callable[[ModelConfig, int, int | None, tuple[int, int] | None], nn.Module]
     fields: tuple[str, ...]
     guides: tuple[str, ...]
     build_guide: Callable[[GuideConfig, nn.Module], nn.Module | None]

@@ -12,7 +12,7 @@ from elbolab.guides.config import SINGLE_SITE
 from elbolab.models import GaussianMixtureVAE, ModelConfig
 
 
-def build(config: ModelConfig, x_dim: int, num_classes: int | None) -> GaussianMixtureVAE:
+def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> GaussianMixtureVAE:
     return GaussianMixtureVAE(x_dim, config.z_dim, config.clusters, config.hidden, likelihood=config.likelihood,
                               activation=config.activation, obs_scale=config.obs_scale)
 

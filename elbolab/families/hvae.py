@@ -20,7 +20,7 @@ def with_layers(config: ModelConfig) -> ModelConfig:
     return config
 
 
-def build(config: ModelConfig, x_dim: int, num_classes: int | None) -> HierarchicalVAE:
+def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> HierarchicalVAE:
     config = with_layers(config)
     return HierarchicalVAE(x_dim, config.z_dims, config.hidden, config.hidden_upper, likelihood=config.likelihood,
                            activation=config.activation, obs_scale=config.obs_scale)

@@ -13,7 +13,7 @@ from elbolab.models import ModelConfig, SemiSupervisedVAE, keep_labels
 from elbolab.models.semisupervised import MISSING
 
 
-def build(config: ModelConfig, x_dim: int, num_classes: int | None) -> SemiSupervisedVAE:
+def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> SemiSupervisedVAE:
     return SemiSupervisedVAE(x_dim, num_classes or 2, config.z_dim, config.hidden, likelihood=config.likelihood,
                              activation=config.activation, obs_scale=config.obs_scale,
                              labels_per_class=config.labels_per_class, classification_weight=config.classification_weight)

@@ -23,7 +23,7 @@ def check_codebook(config: ModelConfig) -> ModelConfig:
     return config
 
 
-def build(config: ModelConfig, x_dim: int, num_classes: int | None) -> VQVAE:
+def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> VQVAE:
     check_codebook(config)
     return VQVAE(x_dim, config.codebook_size, config.z_dim, config.num_codes, config.hidden,
                  commitment=config.commitment, likelihood=config.likelihood, activation=config.activation,

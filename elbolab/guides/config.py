@@ -60,14 +60,16 @@ class GuideConfig:
         return dataclass_from_dict(cls, values, source)
 
 
-def build_guide(config: GuideConfig, x_dim: int, z_dim: int, hidden: tuple[int, ...], activation: str = "relu") -> nn.Module:
+def build_guide(config: GuideConfig, x_dim: int, z_dim: int, hidden: tuple[int, ...], activation: str = "relu",
+                trunk: nn.Module | None = None) -> nn.Module:
     """The guide of ``config``'s family for a model with one latent site ``"z"`` of width ``z_dim``.
 
-    The encoder has the model's hidden widths (the decoder runs them reversed), as in the VAE paper.
+    The encoder has the model's hidden widths (the decoder runs them reversed), as in the VAE paper,
+    or is ``trunk`` (``[N, x_dim] -> [N, F]``, a convolutional one) with the family's head on it.
     """
     options = {
         "gaussian": {},
         "mixture": {"components": config.components},
         "flow": {"flow": config.flow, "flow_depth": config.flow_depth},
     }[config.family]
-    return GUIDE_CLASSES[config.family](x_dim, z_dim, hidden=hidden, activation=activation, **options)
+    return GUIDE_CLASSES[config.family](x_dim, z_dim, hidden=hidden, activation=activation, trunk=trunk, **options)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from elbolab.config import is_integer
 from elbolab.errors import InputError, closest_names
-from elbolab.nn import mlp
+from elbolab.nn import mlp, trunk_width
 from elbolab.param_store import register
 
 SPLINE_BINS = 8
@@ -97,6 +97,8 @@ class FlowGuide(nn.Module):
         flow_hidden: hidden widths of each layer's parameter network (default ``[max(4 z_dim, 32)]``).
         site: name of the model's latent sample site.
         activation: encoder activation.
+        trunk: a module ``[N, x_dim] -> [N, F]`` to use as the encoder's trunk instead of the MLP
+            of ``hidden`` (e.g. :class:`~elbolab.nn.conv.ConvEncoder`, or a user's own network).
         min_scale: lower bound of the base Gaussian's scale.
 
     Example:
@@ -115,6 +117,7 @@ class FlowGuide(nn.Module):
         site: str = "z",
         activation: str = "relu",
         min_scale: float = 1e-4,
+        trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if flow not in FLOWS:
@@ -123,11 +126,11 @@ class FlowGuide(nn.Module):
             raise InputError(f"FlowGuide: flow_depth must be a positive integer, got {flow_depth}")
         if flow in _PERMUTED and z_dim < 2:
             raise InputError(f"FlowGuide: the {flow} flow needs z_dim of 2 or more, got {z_dim}")
-        if not hidden:
+        if not hidden and trunk is None:
             raise InputError("FlowGuide: hidden needs at least one width (its last layer is the flows' context)")
-        self.trunk = mlp(x_dim, tuple(hidden), None, activation)
-        self.head = nn.Linear(hidden[-1], 2 * z_dim)
-        context_dim = hidden[-1]
+        self.trunk = trunk if trunk is not None else mlp(x_dim, tuple(hidden), None, activation)
+        context_dim = trunk_width(self.trunk, x_dim) if trunk is not None else hidden[-1]
+        self.head = nn.Linear(context_dim, 2 * z_dim)
         widths = list(flow_hidden) if flow_hidden is not None else [max(4 * z_dim, 32)]
         self.layers = nn.ModuleList(_LAYERS[flow](z_dim, context_dim, widths) for _ in range(int(flow_depth)))
         for layer in self.layers:

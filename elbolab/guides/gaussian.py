@@ -32,6 +32,8 @@ class GaussianGuide(nn.Module):
         hidden: hidden widths of the encoder.
         site: name of the model's latent sample site.
         activation: encoder activation.
+        trunk: a module ``[N, x_dim] -> [N, F]`` to use as the encoder's trunk instead of the MLP
+            of ``hidden`` (e.g. :class:`~elbolab.nn.conv.ConvEncoder`, or a user's own network).
 
     Example:
         >>> guide = GaussianGuide(784, 20, hidden=(400,))
@@ -45,9 +47,10 @@ class GaussianGuide(nn.Module):
         hidden: Sequence[int] = (400,),
         site: str = "z",
         activation: str = "relu",
+        trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = GaussianEncoder(x_dim, z_dim, tuple(hidden), activation)
+        self.encoder = GaussianEncoder(x_dim, z_dim, tuple(hidden), activation, trunk=trunk)
         self.site = site
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

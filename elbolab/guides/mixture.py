@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from elbolab.config import is_integer
 from elbolab.distributions import DiagonalGaussianMixture
 from elbolab.errors import InputError
-from elbolab.nn import mlp
+from elbolab.nn import mlp, trunk_width
 from elbolab.param_store import register
 
 
@@ -39,6 +39,8 @@ class MixtureGuide(nn.Module):
         hidden: hidden widths of the encoder trunk shared by all components.
         site: name of the model's latent sample site.
         activation: encoder activation.
+        trunk: a module ``[N, x_dim] -> [N, F]`` to use as the encoder's trunk instead of the MLP
+            of ``hidden`` (e.g. :class:`~elbolab.nn.conv.ConvEncoder`, or a user's own network).
         min_scale: lower bound of every component's scale.
 
     Example:
@@ -55,12 +57,13 @@ class MixtureGuide(nn.Module):
         site: str = "z",
         activation: str = "relu",
         min_scale: float = 1e-4,
+        trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not is_integer(components) or components < 1:
             raise InputError(f"MixtureGuide: components must be a positive integer, got {components}")
-        self.trunk = mlp(x_dim, tuple(hidden), None, activation)
-        width = hidden[-1] if hidden else x_dim
+        self.trunk = trunk if trunk is not None else mlp(x_dim, tuple(hidden), None, activation)
+        width = trunk_width(self.trunk, x_dim) if trunk is not None else (hidden[-1] if hidden else x_dim)
         self.head = nn.Linear(width, components * (1 + 2 * z_dim))
         self.components, self.z_dim, self.site, self.min_scale = int(components), z_dim, site, min_scale
         # Start with equal weights and components spread apart, so that they do not all learn the

@@ -10,7 +10,7 @@ likelihood for grayscale data. The encoder is not part of the model: it is the g
 
 from __future__ import annotations
 
-__all__ = ["LIKELIHOODS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "check_likelihood", "start_at_data_mean"]
+__all__ = ["LIKELIHOODS", "PRIORS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "check_likelihood", "start_at_data_mean"]
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,10 +28,13 @@ from elbolab.data import Dataset
 from elbolab.distributions import BernoulliRow
 from elbolab.errors import InputError, closest_names
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
+from elbolab.models.vamp import VampPrior
 from elbolab.nn import ACTIVATIONS, mlp
+from elbolab.nn.architecture import ARCHITECTURES, Architecture, output_layer
 from elbolab.param_store import register
 
 LIKELIHOODS = ("bernoulli", "gaussian", "continuous-bernoulli")
+PRIORS = ("standard", "vamp")
 
 
 def check_likelihood(likelihood: str, data: Dataset) -> None:
@@ -74,6 +77,14 @@ class ModelConfig:
             others are missing), or 0 to keep every label.
         classification_weight: ``ssvae`` only: alpha, the weight of the classifier's loss on the
             labelled points.
+        arch: ``"mlp"`` or ``"conv"`` (images only): the decoder's and the encoder's networks
+            (:class:`~elbolab.nn.architecture.Architecture`).
+        channels: ``conv`` only: channels of the encoder's stride-2 stages (the decoder's, reversed).
+        kernel: ``conv`` only: kernel size of the convolutions (odd).
+        residual_blocks: ``conv`` only: residual blocks after each stage.
+        gated: ``conv`` only: gated convolutions (van den Berg et al. 2018).
+        prior: ``"standard"`` (N(0, I)) or ``"vamp"``, the VampPrior (:mod:`elbolab.models.vamp`).
+        pseudo_inputs: ``vamp`` only: K, the learned pseudo-inputs.
     """
 
     name: str = "vae"
@@ -90,11 +101,30 @@ class ModelConfig:
     clusters: int = 10
     labels_per_class: int = 10
     classification_weight: float = 50.0
+    arch: str = "mlp"
+    channels: tuple[int, ...] = (32, 64)
+    kernel: int = 3
+    residual_blocks: int = 0
+    gated: bool = False
+    prior: str = "standard"
+    pseudo_inputs: int = 500
 
     def __post_init__(self) -> None:
         self.hidden = _widths("hidden", self.hidden, allow_empty=False)
         self.z_dims = _widths("z_dims", self.z_dims, allow_empty=True)
         self.hidden_upper = _widths("hidden_upper", self.hidden_upper, allow_empty=True)
+        self.channels = _widths("channels", self.channels, allow_empty=False)
+        for name, choices in (("arch", ARCHITECTURES), ("prior", PRIORS)):
+            if getattr(self, name) not in choices:
+                raise InputError(f"unknown {name} {getattr(self, name)!r}; {closest_names(str(getattr(self, name)), choices)}")
+        if not is_integer(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise InputError(f"kernel must be an odd positive integer, got {self.kernel!r}")
+        if not is_integer(self.residual_blocks) or self.residual_blocks < 0:
+            raise InputError(f"residual_blocks must be an integer >= 0, got {self.residual_blocks!r}")
+        if not isinstance(self.gated, bool):
+            raise InputError(f"gated must be true or false, got {self.gated!r}")
+        self._refuse_options_of_another_choice("arch", "conv", ("channels", "kernel", "residual_blocks", "gated"))
+        self._refuse_options_of_another_choice("prior", "vamp", ("pseudo_inputs",))
         _check_positive_int("z_dim", self.z_dim)
         if self.likelihood not in LIKELIHOODS:
             raise InputError(
@@ -108,7 +138,7 @@ class ModelConfig:
             raise InputError(f"obs_scale must be positive, got {self.obs_scale}")
         if self.obs_scale is not None and self.likelihood != "gaussian":
             raise InputError(f"obs_scale is the scale of the gaussian likelihood; the {self.likelihood} likelihood has none")
-        for name in ("codebook_size", "num_codes", "clusters"):
+        for name in ("codebook_size", "num_codes", "clusters", "pseudo_inputs"):
             _check_positive_int(name, getattr(self, name))
         if not is_integer(self.labels_per_class) or self.labels_per_class < 0:
             raise InputError(f"labels_per_class must be an integer >= 0 (0: every label), got {self.labels_per_class!r}")
@@ -117,12 +147,30 @@ class ModelConfig:
         if not (is_real(self.commitment) and self.commitment >= 0):
             raise InputError(f"commitment must be a finite number >= 0, got {self.commitment}")
 
+    def _refuse_options_of_another_choice(self, switch: str, choice: str, options: tuple[str, ...]) -> None:
+        """Refuse an option set away from its default that only ``switch = choice`` reads: it would be ignored."""
+        if getattr(self, switch) == choice:
+            return
+        for name in options:
+            if getattr(self, name) != _DEFAULTS[name]:
+                raise InputError(f"{name} is an option of {switch} {choice}, and {switch} is {getattr(self, switch)}: "
+                                 f"set {switch} to {choice} (--{switch} {choice}) or leave {name} out")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {name: list(getattr(self, name)) for name in ("hidden", "z_dims", "hidden_upper")}
+        return asdict(self) | {name: list(getattr(self, name)) for name in ("hidden", "z_dims", "hidden_upper", "channels")}
+
+    def architecture(self, image_shape: tuple[int, int] | None) -> Architecture:
+        """The networks these options describe, for data of ``image_shape``."""
+        return Architecture(self.arch, self.hidden, self.activation, image_shape, self.channels, self.kernel,
+                            self.residual_blocks, self.gated)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> ModelConfig:
         return dataclass_from_dict(cls, values, source)
+
+
+# The defaults of the options that only one choice of another option reads.
+_DEFAULTS = {"channels": (32, 64), "kernel": 3, "residual_blocks": 0, "gated": False, "pseudo_inputs": 500}
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -212,6 +260,14 @@ class VAE(nn.Module):
         likelihood: ``"bernoulli"``, ``"gaussian"`` or ``"continuous-bernoulli"``.
         activation: decoder activation.
         obs_scale: Gaussian only: fixed observation scale, or ``None`` to learn one per pixel.
+        prior: ``"standard"``, N(0, I), or ``"vamp"``, the VampPrior (Tomczak & Welling 2018),
+            which mixes the guide's q(z | u_k) at ``pseudo_inputs`` learned inputs: give it the
+            guide with ``model.prior.share_encoder(guide)``.
+        pseudo_inputs: ``vamp`` only: their number K.
+        decoder: a module ``[..., z_dim] -> [..., x_dim]`` to use as the decoder instead of the
+            one ``hidden`` (or ``architecture``) describes, e.g. a user's own network.
+        architecture: the decoder's networks, e.g. ``ModelConfig(arch="conv").architecture((28, 28))``
+            for a transposed-convolution decoder; default an MLP of ``hidden``.
 
     Example:
         >>> model = VAE(784, 20, hidden=(400,))
@@ -226,19 +282,29 @@ class VAE(nn.Module):
         likelihood: str = "bernoulli",
         activation: str = "relu",
         obs_scale: float | None = None,
+        prior: str = "standard",
+        pseudo_inputs: int = 500,
+        decoder: nn.Module | None = None,
+        architecture: Architecture | None = None,
     ) -> None:
         super().__init__()
-        self.config = ModelConfig("vae", z_dim, tuple(hidden), likelihood, activation, obs_scale)
+        architecture = architecture or Architecture("mlp", tuple(hidden), activation)
+        self.config = ModelConfig("vae", z_dim, architecture.hidden, likelihood, architecture.activation, obs_scale,
+                                  arch=architecture.kind, channels=architecture.channels, kernel=architecture.kernel,
+                                  residual_blocks=architecture.residual_blocks, gated=architecture.gated,
+                                  prior=prior, pseudo_inputs=pseudo_inputs)
         self.x_dim, self.z_dim = x_dim, z_dim
-        self.decoder = mlp(z_dim, tuple(reversed(self.config.hidden)), x_dim, activation)
+        self.image_shape = architecture.image_shape
+        self.decoder = decoder if decoder is not None else architecture.decoder(z_dim, x_dim)
         self.observation = Likelihood(x_dim, likelihood, obs_scale)
+        self.prior = VampPrior(x_dim, pseudo_inputs) if prior == "vamp" else None
         # Buffers, so that the prior follows the module to its device.
         self.register_buffer("prior_loc", torch.zeros(z_dim), persistent=False)
         self.register_buffer("prior_scale", torch.ones(z_dim), persistent=False)
 
     @torch.no_grad()
     def init_output_bias(self, x: Tensor) -> VAE:
-        """Start the decoder at the data's per-pixel mean (returns ``self``).
+        """Start the decoder at the data's per-pixel mean (returns ``self``); a VampPrior's pseudo-inputs at training points.
 
         Sets the output layer's bias so that ``p(x | z)`` has the mean of ``x`` when the rest of
         the decoder outputs zero: the pixel log-odds for the Bernoulli likelihoods, the pixel
@@ -247,14 +313,25 @@ class VAE(nn.Module):
         statistics instead of spending its first epochs learning them: on binarized MNIST this
         is worth several nats after 10 epochs.
         """
-        start_at_data_mean(self.decoder[-1], x, self.config.likelihood)
+        layer = output_layer(self.decoder)
+        if getattr(layer, "bias", None) is not None and layer.bias.shape == (self.x_dim,):
+            start_at_data_mean(layer, x, self.config.likelihood)
+        if self.prior is not None:
+            self.prior.init_from_data(x)
         return self
+
+    def prior_distribution(self) -> dist.TorchDistribution:
+        """``p(z)``: batch shape ``[]``, event shape ``[z_dim]``."""
+        if self.prior is not None:
+            return self.prior.distribution()
+        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         n = x.shape[0] if x is not None else (batch_size or 1)
+        prior = self.prior_distribution()
         with pyro.plate("data", n):
-            z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))
+            z = pyro.sample("z", prior)
             return pyro.sample("x", self.observation(self.decoder(z)), obs=x)
 
     def generate(self, n: int, *, mean: bool = True) -> Tensor:

@@ -6,10 +6,11 @@ convolutional one from :mod:`elbolab.nn.conv`): the head only needs ``F``.
 
 from __future__ import annotations
 
-__all__ = ["ACTIVATIONS", "GaussianEncoder", "mlp"]
+__all__ = ["ACTIVATIONS", "GaussianEncoder", "mlp", "trunk_width"]
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,6 +43,20 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int | None, activation: str
     return nn.Sequential(*layers)
 
 
+@torch.no_grad()
+def trunk_width(trunk: nn.Module, x_dim: int) -> int:
+    """The width F of the features a trunk gives for ``[1, x_dim]`` inputs (its ``out_features`` when it says)."""
+    width = getattr(trunk, "out_features", None)
+    if isinstance(width, int):
+        return width
+    parameter = next(trunk.parameters(), None)
+    probe = torch.zeros(1, x_dim) if parameter is None else torch.zeros(1, x_dim, dtype=parameter.dtype, device=parameter.device)
+    features = trunk(probe)
+    if features.ndim != 2 or features.shape[0] != 1:
+        raise InputError(f"an encoder trunk must map [N, {x_dim}] inputs to [N, F] features; it gave {tuple(features.shape)} for N = 1")
+    return int(features.shape[-1])
+
+
 class GaussianEncoder(nn.Module):
     """``x -> (loc, scale)`` of a diagonal Gaussian: an MLP trunk and one linear head.
 
@@ -54,6 +69,8 @@ class GaussianEncoder(nn.Module):
         hidden: hidden widths of the trunk.
         activation: a key of :data:`ACTIVATIONS`.
         min_scale: lower bound of the scale.
+        trunk: a module ``[N, x_dim] -> [N, F]`` to use as the trunk instead of the MLP of
+            ``hidden`` (e.g. a :class:`~elbolab.nn.conv.ConvEncoder`).
     """
 
     def __init__(
@@ -63,10 +80,11 @@ class GaussianEncoder(nn.Module):
         hidden: Sequence[int] = (400,),
         activation: str = "relu",
         min_scale: float = 1e-4,
+        trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.trunk = mlp(x_dim, hidden, None, activation)
-        self.head = nn.Linear(hidden[-1] if hidden else x_dim, 2 * z_dim)
+        self.trunk = trunk if trunk is not None else mlp(x_dim, hidden, None, activation)
+        self.head = nn.Linear(trunk_width(self.trunk, x_dim) if trunk is not None else (hidden[-1] if hidden else x_dim), 2 * z_dim)
         self.z_dim = z_dim
         self.min_scale = min_scale
 

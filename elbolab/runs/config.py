@@ -76,7 +76,7 @@ class RunConfig:
         """The run's model, freshly initialised (seed the RNG first); given the training data, its decoder starts at their mean."""
         if self.x_dim is None:
             raise InputError("the run's config has no x_dim: record the training data's shape first (with_data)")
-        model = self.family.build(self.model, self.x_dim, self.y_dim)
+        model = self.family.build(self.model, self.x_dim, self.y_dim, self.image_shape)
         if data is not None and hasattr(model, "init_output_bias"):
             model.init_output_bias(data.x)
         return model
