@@ -175,15 +175,15 @@ def _plan_fit(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def _fit(args: argparse.Namespace) -> None:
     config, out = _plan_fit(args)
     world_size, leader = environment_world_size(), environment_rank() == 0
-    note = binarization_note(args, config) if args.resume is None else None
-    if note and leader and not args.quiet:
-        print(f"elbolab fit: {note}", file=sys.stderr)
     config, train, valid = _training_data(config)
     pyro.set_rng_seed(config.fit.seed)
     model = config.new_model(train)
     guide = config.new_guide(model)
     if args.resume is None and out.exists() and leader:  # --overwrite, and every input has been checked
         shutil.rmtree(out) if out.is_dir() else out.unlink()
+    note = binarization_note(args, config) if args.resume is None else None
+    if note and leader and not args.quiet:  # once the run is built: a refusal before it stays one line
+        print(f"elbolab fit: {note}", file=sys.stderr)
     start = time.perf_counter()
     try:
         result = fit(model, guide, train, config.fit, valid=valid, args=config.conditions(train, training=True),
@@ -261,9 +261,6 @@ def _compare(args: argparse.Namespace) -> None:
         config, specs, seeds, num_samples = _resumed_comparison(args)
     else:
         config = run_config(args, comparing=True)
-        note = binarization_note(args, config)
-        if note and not args.quiet:
-            print(f"elbolab compare: {note}", file=sys.stderr)
         if not args.objectives:
             raise InputError("compare needs --objectives, e.g. --objectives elbo,iwae:k=5 (or --resume OUT)")
         specs = [spec for spec in args.objectives.split(",") if spec.strip()]
@@ -278,6 +275,9 @@ def _compare(args: argparse.Namespace) -> None:
         _refuse_existing(out, args.overwrite, "compare")
     config, train, valid = _training_data(config)
     test = config.data.load("test")
+    note = None if resuming else binarization_note(args, config)
+    if note and not args.quiet:
+        print(f"elbolab compare: {note}", file=sys.stderr)
     if not resuming:
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

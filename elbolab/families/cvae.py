@@ -7,7 +7,7 @@ __all__ = ["FAMILY"]
 import torch
 
 from elbolab.errors import InputError
-from elbolab.families.family import ONE_LATENT_FIELDS, Family, Samples
+from elbolab.families.family import ARCHITECTURE_FIELDS, ONE_LATENT_FIELDS, Family, Samples
 from elbolab.guides import ConditionalGuide, GuideConfig, build_guide
 from elbolab.guides.config import SINGLE_SITE
 from elbolab.models import ConditionalVAE, ModelConfig
@@ -16,13 +16,15 @@ from elbolab.models import ConditionalVAE, ModelConfig
 def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> ConditionalVAE:
     if num_classes is None:
         raise InputError("a cvae needs the number of classes it is conditioned on (y_dim)")
-    return ConditionalVAE(x_dim, num_classes, config.z_dim, config.hidden, likelihood=config.likelihood,
-                          activation=config.activation, obs_scale=config.obs_scale)
+    return ConditionalVAE(x_dim, num_classes, config.z_dim, likelihood=config.likelihood, obs_scale=config.obs_scale,
+                          architecture=config.architecture(image_shape))
 
 
 def build_cvae_guide(config: GuideConfig, model: ConditionalVAE) -> ConditionalGuide:
-    """A single-site guide on the concatenation [x, one-hot y]."""
-    inner = build_guide(config, model.x_dim + model.y_dim, model.z_dim, model.config.hidden, model.config.activation)
+    """A single-site guide on the concatenation [x, one-hot y] (convolutions read x, and y joins their features)."""
+    trunk = model.config.architecture(model.image_shape).encoder(model.x_dim, side_dim=model.y_dim)
+    inner = build_guide(config, model.x_dim + model.y_dim, model.z_dim, model.config.hidden, model.config.activation,
+                        trunk=trunk)
     return ConditionalGuide(inner, model.y_dim)
 
 
@@ -43,7 +45,7 @@ FAMILY = Family(
     summary="conditional VAE on the data set's class labels: x ~ p(x|z,y)",
     model_class=ConditionalVAE,
     build=build,
-    fields=ONE_LATENT_FIELDS,
+    fields=(*ONE_LATENT_FIELDS, *ARCHITECTURE_FIELDS),
     guides=SINGLE_SITE,  # any single-site family: the one latent is z
     build_guide=build_cvae_guide,
     conditioned_on_labels=True,

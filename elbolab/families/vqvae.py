@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from elbolab.errors import InputError
-from elbolab.families.family import ONE_LATENT_FIELDS, Family, Metrics
+from elbolab.families.family import ARCHITECTURE_FIELDS, ONE_LATENT_FIELDS, Family, Metrics
 from elbolab.guides import GuideConfig, NearestCodeGuide
 from elbolab.inference import importance_estimate
 from elbolab.models import VQVAE, ModelConfig
@@ -25,9 +25,8 @@ def check_codebook(config: ModelConfig) -> ModelConfig:
 
 def build(config: ModelConfig, x_dim: int, num_classes: int | None, image_shape: tuple[int, int] | None = None) -> VQVAE:
     check_codebook(config)
-    return VQVAE(x_dim, config.codebook_size, config.z_dim, config.num_codes, config.hidden,
-                 commitment=config.commitment, likelihood=config.likelihood, activation=config.activation,
-                 obs_scale=config.obs_scale)
+    return VQVAE(x_dim, config.codebook_size, config.z_dim, config.num_codes, commitment=config.commitment,
+                 likelihood=config.likelihood, obs_scale=config.obs_scale, architecture=config.architecture(image_shape))
 
 
 def nearest_code_guide(config: GuideConfig, model: VQVAE) -> NearestCodeGuide:
@@ -65,7 +64,7 @@ FAMILY = Family(
     summary="vector-quantized VAE: --num-codes codes per point from a codebook of --codebook-size vectors",
     model_class=VQVAE,
     build=build,
-    fields=(*ONE_LATENT_FIELDS, "codebook_size", "num_codes", "commitment"),
+    fields=(*ONE_LATENT_FIELDS, "codebook_size", "num_codes", "commitment", *ARCHITECTURE_FIELDS),
     guides=("nearest-code",),
     build_guide=nearest_code_guide,
     objectives=("elbo",),

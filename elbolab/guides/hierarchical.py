@@ -27,7 +27,7 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 
 from elbolab.models.hierarchical import HierarchicalVAE
-from elbolab.nn import GaussianEncoder, mlp
+from elbolab.nn import GaussianEncoder, mlp, trunk_width
 from elbolab.param_store import register
 
 MIN_SCALE = 1e-4
@@ -42,6 +42,8 @@ class BottomUpGuide(nn.Module):
         hidden: hidden widths of ``q(z_1 | x)``.
         hidden_upper: hidden widths of each ``q(z_{l+1} | z_l)`` (default: ``hidden``).
         activation: a key of :data:`elbolab.nn.ACTIVATIONS`.
+        trunk: a module ``[N, x_dim] -> [N, F]`` to use as the trunk of ``q(z_1 | x)`` instead of
+            the MLP of ``hidden`` (a :class:`~elbolab.nn.conv.ConvEncoder`).
     """
 
     def __init__(
@@ -51,11 +53,13 @@ class BottomUpGuide(nn.Module):
         hidden: Sequence[int] = (400,),
         hidden_upper: Sequence[int] | None = None,
         activation: str = "relu",
+        trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
         widths = (x_dim, *z_dims)
         self.encoders = nn.ModuleList(
-            GaussianEncoder(widths[level], widths[level + 1], tuple(hidden if level == 0 else hidden_upper or hidden), activation)
+            GaussianEncoder(widths[level], widths[level + 1], tuple(hidden if level == 0 else hidden_upper or hidden), activation,
+                            trunk=trunk if level == 0 else None)
             for level in range(len(z_dims))
         )
 
@@ -92,9 +96,12 @@ class LadderGuide(nn.Module):
         self.top_down = model.top_down  # shared with the model
         trunks, heads, width = [], [], model.x_dim
         for level, z_dim in enumerate(self.z_dims):
-            widths = config.hidden if level == 0 else config.hidden_upper
-            trunks.append(mlp(width, widths, None, config.activation))
-            width = widths[-1]
+            if level == 0:  # the networks from x mirror the decoder's: an MLP, or convolutions
+                trunks.append(config.architecture(model.image_shape).encoder(model.x_dim))
+                width = trunk_width(trunks[0], model.x_dim)
+            else:
+                trunks.append(mlp(width, config.hidden_upper, None, config.activation))
+                width = config.hidden_upper[-1]
             heads.append(GaussianEncoder(width, z_dim, (), config.activation, min_scale=MIN_SCALE))
         self.trunks, self.heads = nn.ModuleList(trunks), nn.ModuleList(heads)
 

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from elbolab.models.vqvae import VQVAE
-from elbolab.nn import mlp
 from elbolab.param_store import register
 
 
@@ -38,7 +37,7 @@ class NearestCodeGuide(nn.Module):
         super().__init__()
         config = model.config
         self.num_codes, self.code_dim, self.commitment = model.num_codes, model.code_dim, model.commitment
-        self.encoder = mlp(model.x_dim, config.hidden, self.num_codes * self.code_dim, config.activation)
+        self.encoder = config.architecture(model.image_shape).code_encoder(model.x_dim, self.code_dim, self.num_codes)
         self.codebook = model.codebook  # shared with the model
 
     def encode(self, x: Tensor) -> Tensor:

@@ -26,7 +26,8 @@ from elbolab.config import is_integer
 from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
-from elbolab.nn import mlp
+from elbolab.nn import Architecture
+from elbolab.nn.architecture import output_layer
 from elbolab.param_store import register
 
 
@@ -68,7 +69,8 @@ class ConditionalVAE(nn.Module):
         x_dim: data width.
         y_dim: number of classes, or width of the conditioning vector.
         z_dim: latent width.
-        hidden, likelihood, activation, obs_scale: as for :class:`~elbolab.models.VAE`.
+        hidden, likelihood, activation, obs_scale, architecture: as for :class:`~elbolab.models.VAE`;
+            the decoder reads ``[z, y]``.
 
     Example:
         >>> model = ConditionalVAE(64, 10, 8, hidden=(128,))
@@ -84,13 +86,18 @@ class ConditionalVAE(nn.Module):
         likelihood: str = "bernoulli",
         activation: str = "relu",
         obs_scale: float | None = None,
+        architecture: Architecture | None = None,
     ) -> None:
         super().__init__()
         if not is_integer(y_dim) or y_dim < 1:
             raise InputError(f"y_dim must be a positive integer, got {y_dim}")
-        self.config = ModelConfig("cvae", z_dim, tuple(hidden), likelihood, activation, obs_scale)
+        architecture = architecture or Architecture("mlp", tuple(hidden), activation)
+        self.config = ModelConfig("cvae", z_dim, architecture.hidden, likelihood, architecture.activation, obs_scale,
+                                  arch=architecture.kind, channels=architecture.channels, kernel=architecture.kernel,
+                                  residual_blocks=architecture.residual_blocks, gated=architecture.gated)
         self.x_dim, self.y_dim, self.z_dim = x_dim, int(y_dim), z_dim
-        self.decoder = mlp(z_dim + self.y_dim, tuple(reversed(self.config.hidden)), x_dim, activation)
+        self.image_shape = architecture.image_shape
+        self.decoder = architecture.decoder(z_dim + self.y_dim, x_dim)
         self.observation = Likelihood(x_dim, likelihood, obs_scale)
         self.register_buffer("prior_loc", torch.zeros(z_dim), persistent=False)
         self.register_buffer("prior_scale", torch.ones(z_dim), persistent=False)
@@ -98,7 +105,7 @@ class ConditionalVAE(nn.Module):
     @torch.no_grad()
     def init_output_bias(self, x: Tensor) -> ConditionalVAE:
         """Start the decoder at the data's per-pixel mean (see :meth:`VAE.init_output_bias`)."""
-        start_at_data_mean(self.decoder[-1], x, self.config.likelihood)
+        start_at_data_mean(output_layer(self.decoder), x, self.config.likelihood)
         return self
 
     def forward(self, x: Tensor | None = None, y: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:

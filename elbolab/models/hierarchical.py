@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
-from elbolab.nn import GaussianEncoder, mlp
+from elbolab.nn import Architecture, GaussianEncoder
+from elbolab.nn.architecture import output_layer
 from elbolab.param_store import register
 
 
@@ -46,6 +47,9 @@ class HierarchicalVAE(nn.Module):
         hidden: hidden widths between ``x`` and ``z_1`` (encoder side; the decoder runs them reversed).
         hidden_upper: hidden widths between consecutive stochastic layers (default: ``hidden``).
         likelihood, activation, obs_scale: as for :class:`~elbolab.models.VAE`.
+        architecture: the networks between ``x`` and ``z_1`` (a transposed-convolution decoder
+            with ``ModelConfig(arch="conv").architecture(image_shape)``); default an MLP of ``hidden``.
+            The layers between stochastic layers are MLPs of ``hidden_upper``.
 
     Example:
         >>> model = HierarchicalVAE(784, z_dims=(100, 50), hidden=(200, 200), hidden_upper=(100, 100))
@@ -62,14 +66,20 @@ class HierarchicalVAE(nn.Module):
         likelihood: str = "bernoulli",
         activation: str = "relu",
         obs_scale: float | None = None,
+        architecture: Architecture | None = None,
     ) -> None:
         super().__init__()
         if len(z_dims) < 2:
             raise InputError(f"an hvae needs two or more stochastic layers in z_dims, got {tuple(z_dims)}")
+        architecture = architecture or Architecture("mlp", tuple(hidden), activation)
+        hidden, activation = architecture.hidden, architecture.activation
         self.config = ModelConfig(
             "hvae", hidden=tuple(hidden), likelihood=likelihood, activation=activation, obs_scale=obs_scale,
-            z_dims=tuple(z_dims), hidden_upper=tuple(hidden_upper or hidden),
+            z_dims=tuple(z_dims), hidden_upper=tuple(hidden_upper or hidden), arch=architecture.kind,
+            channels=architecture.channels, kernel=architecture.kernel, residual_blocks=architecture.residual_blocks,
+            gated=architecture.gated,
         )
+        self.image_shape = architecture.image_shape
         self.x_dim, self.z_dims = x_dim, self.config.z_dims
         self.sites = tuple(f"z{level + 1}" for level in range(len(self.z_dims)))
         upper = tuple(reversed(self.config.hidden_upper))
@@ -77,7 +87,7 @@ class HierarchicalVAE(nn.Module):
             GaussianEncoder(self.z_dims[level + 1], self.z_dims[level], upper, activation)
             for level in range(len(self.z_dims) - 1)
         )
-        self.decoder = mlp(self.z_dims[0], tuple(reversed(self.config.hidden)), x_dim, activation)
+        self.decoder = architecture.decoder(self.z_dims[0], x_dim)
         self.observation = Likelihood(x_dim, likelihood, obs_scale)
         self.register_buffer("prior_loc", torch.zeros(self.z_dims[-1]), persistent=False)
         self.register_buffer("prior_scale", torch.ones(self.z_dims[-1]), persistent=False)
@@ -85,7 +95,7 @@ class HierarchicalVAE(nn.Module):
     @torch.no_grad()
     def init_output_bias(self, x: Tensor) -> HierarchicalVAE:
         """Start the decoder at the data's per-pixel mean (see :meth:`VAE.init_output_bias`)."""
-        start_at_data_mean(self.decoder[-1], x, self.config.likelihood)
+        start_at_data_mean(output_layer(self.decoder), x, self.config.likelihood)
         return self
 
     def conditional_prior(self, level: int, upper: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from elbolab.errors import InputError
 from elbolab.models.draws import decode_posterior_draws, decode_prior_draws
 from elbolab.models.vae import Likelihood, ModelConfig, start_at_data_mean
-from elbolab.nn import mlp
+from elbolab.nn import Architecture
+from elbolab.nn.architecture import output_layer
 from elbolab.param_store import register
 
 
@@ -184,6 +185,10 @@ class VQVAE(nn.Module):
         likelihood, activation, obs_scale: as for :class:`~elbolab.models.VAE`.
         commitment: beta, the weight of ``||z_e - stop_gradient(z_q)||^2`` (the guide applies it).
         decay: EMA decay of the codebook.
+        architecture: the networks: an MLP of ``hidden`` (default), or convolutions
+            (``ModelConfig(arch="conv").architecture(image_shape)``), whose codes form the last
+            stage's spatial grid, one per cell, as in the VQ-VAE paper: ``num_codes`` is then the
+            grid's h x w, and another value is refused.
 
     Example:
         >>> model = VQVAE(64, codebook_size=32, code_dim=4, num_codes=4, hidden=(128,))
@@ -202,23 +207,33 @@ class VQVAE(nn.Module):
         obs_scale: float | None = None,
         commitment: float = 0.25,
         decay: float = 0.99,
+        architecture: Architecture | None = None,
     ) -> None:
         super().__init__()
+        architecture = architecture or Architecture("mlp", tuple(hidden), activation)
+        cells = architecture.code_cells(num_codes)
+        if num_codes != cells and num_codes != ModelConfig.num_codes:
+            raise InputError(f"num_codes is {num_codes}, but the conv encoder gives one code per cell of its "
+                             f"{cells}-cell grid: leave num_codes out (or set it to {cells})")
+        num_codes = cells
         self.config = ModelConfig(
-            "vqvae", code_dim, tuple(hidden), likelihood, activation, obs_scale,
-            codebook_size=codebook_size, num_codes=num_codes, commitment=commitment,
+            "vqvae", code_dim, architecture.hidden, likelihood, architecture.activation, obs_scale,
+            codebook_size=codebook_size, num_codes=num_codes, commitment=commitment, arch=architecture.kind,
+            channels=architecture.channels, kernel=architecture.kernel, residual_blocks=architecture.residual_blocks,
+            gated=architecture.gated,
         )
+        self.image_shape = architecture.image_shape
         if not 0 < decay < 1:
             raise InputError(f"decay must lie in (0, 1), got {decay}")
         self.x_dim, self.code_dim, self.num_codes, self.commitment = x_dim, code_dim, num_codes, commitment
         self.codebook = Codebook(codebook_size, code_dim, decay)
-        self.decoder = mlp(num_codes * code_dim, tuple(reversed(self.config.hidden)), x_dim, activation)
+        self.decoder = architecture.code_decoder(code_dim, num_codes, x_dim)
         self.observation = Likelihood(x_dim, likelihood, obs_scale)
 
     @torch.no_grad()
     def init_output_bias(self, x: Tensor) -> VQVAE:
         """Start the decoder at the data's per-pixel mean (see :meth:`VAE.init_output_bias`)."""
-        start_at_data_mean(self.decoder[-1], x, self.config.likelihood)
+        start_at_data_mean(output_layer(self.decoder), x, self.config.likelihood)
         return self
 
     def forward(self, x: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
