@@ -114,10 +114,15 @@ class AutoAmortizedGuide(nn.Module):
         family: ``"gaussian"`` (diagonal), ``"mixture"`` or ``"flow"``: the distribution of u.
         hidden: hidden widths of the encoder.
         activation: encoder activation.
+        encoder: a module ``[N, D] -> [N, F]`` (D the data's width, rows flattened) to use as the
+            trunk of the local latents' encoder instead of the MLP of ``hidden``: a user's own
+            network, or :class:`~elbolab.nn.conv.ConvEncoder` for images. The family's head sits
+            on its F features. (The heads of sampled discrete sites keep their MLP.)
         **family_options: ``components`` (mixture); ``flow``, ``flow_depth``, ``flow_hidden`` (flow).
 
     Example:
         >>> guide = AutoAmortizedGuide(model, x[:10], family="flow", flow="iaf", flow_depth=2)
+        >>> guide = AutoAmortizedGuide(model, x[:10], encoder=ConvEncoder((28, 28), channels=(32, 64)))
         >>> fit(model, guide, x)
     """
 
@@ -128,6 +133,7 @@ class AutoAmortizedGuide(nn.Module):
         family: str = "gaussian",
         hidden: Sequence[int] = (400,),
         activation: str = "relu",
+        encoder: nn.Module | None = None,
         **family_options: Any,
     ) -> None:
         super().__init__()
@@ -149,9 +155,12 @@ class AutoAmortizedGuide(nn.Module):
         x_width = math.prod(x_example.shape[1:])
         joint = GUIDE_CLASSES[family]
         self.local_q = None
+        if encoder is not None and not self.local_sites:
+            raise InputError("AutoAmortizedGuide: an encoder was given, but the model has no continuous latent inside its "
+                             f"data plate {frame.name!r} for it to encode")
         if self.local_sites:
             width = sum(site.size for site in self.local_sites)
-            self.local_q = joint(x_width, width, hidden=hidden, activation=activation, **family_options)
+            self.local_q = joint(x_width, width, hidden=hidden, activation=activation, trunk=encoder, **family_options)
         self.global_q = None
         if self.global_sites:
             width = sum(site.size for site in self.global_sites)
