@@ -25,5 +25,5 @@ def test_config_is_a_valid_run_that_cites_its_figure(path: Path) -> None:
     assert config.data.name == "binarized-mnist"
     text = path.read_text()
     assert re.search(r"test log p\(x\) = -\d+\.\d\d nats", text), "the published figure"
-    assert re.search(r"\(\w.* (19|20)\d\d", text), "its source: authors and year"
+    assert re.search(r"[A-Z][a-z]+ (\&|et al\.|\().*(19|20)\d\d", text), "its source: authors and year"
     assert "Protocol:" in text
