@@ -50,7 +50,11 @@ def test_an_old_run_samples_what_it_sampled(old_run, tmp_path):
 
 
 # Options added since 0.1.0, which an old run's config reads as their defaults.
-ADDED_SINCE = {"fit": {"compile": False}, "model": {"clusters": 10, "labels_per_class": 10, "classification_weight": 50.0}}
+ADDED_SINCE = {
+    "fit": {"compile": False, "max_minutes": None},
+    "model": {"clusters": 10, "labels_per_class": 10, "classification_weight": 50.0, "arch": "mlp", "channels": [32, 64],
+              "kernel": 3, "residual_blocks": 0, "gated": False, "prior": "standard", "pseudo_inputs": 500},
+}
 
 
 @pytest.mark.parametrize("old_run", NAMES, indirect=True)
