@@ -100,7 +100,7 @@ def image_grid(images: Tensor, columns: int = 8, padding: int = 1, *, pad_value:
     if images.dim() == 3:
         images = images.unsqueeze(1)
     n, channels, height, width = images.shape
-    columns = columns
+    columns = min(columns, n)
     rows = math.ceil(n / columns)
     blanks = images.new_full((rows * columns - n, channels, height, width), pad_value)
     # Each tile padded on its top and left; the grid then on its bottom and right.
@@ -180,9 +180,11 @@ class TensorBoardMonitor:
         """Write the steps not yet written (a run stopped mid-epoch) and close the event file; idempotent."""
         if self._writer is None:
             return
-        self._write_steps()
-        self._writer.close()
-        self._writer = None
+        try:
+            self._write_steps()
+        finally:
+            self._writer.close()
+            self._writer = None
 
     def __enter__(self) -> TensorBoardMonitor:
         return self

@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+from typing import ClassVar
 
 import pyro
 import pytest
@@ -35,7 +36,7 @@ def row(epoch, **values):
 class Watched(torch.Tensor):
     """A tensor that records the torch functions called on it."""
 
-    calls: list[str] = []
+    calls: ClassVar[list[str]] = []
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
