@@ -67,9 +67,11 @@ from elbolab.inference.training_checkpoint import CHECKPOINT_FILE
 from elbolab.models import check_likelihood
 from elbolab.runs import RunConfig, load_run, save_run, unfinished_run
 from elbolab.runs.folder import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpointed_config
+from elbolab.runs.tensorboard import require_tensorboard
 from elbolab.version import __version__
 
 COMPARISON_FILE = "comparison.csv"
+TENSORBOARD_FOLDER = "tensorboard"  # a run's event files: tensorboard --logdir runs finds them
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +175,8 @@ def _plan_fit(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 
 
 def _fit(args: argparse.Namespace) -> None:
+    if args.tensorboard:
+        require_tensorboard()  # one line if the extra is missing, before anything is built or replaced
     config, out = _plan_fit(args)
     world_size, leader = environment_world_size(), environment_rank() == 0
     config, train, valid = _training_data(config)
@@ -184,14 +188,18 @@ def _fit(args: argparse.Namespace) -> None:
     note = binarization_note(args, config) if args.resume is None else None
     if note and leader and not args.quiet:  # once the run is built: a refusal before it stays one line
         print(f"elbolab fit: {note}", file=sys.stderr)
+    monitor = _tensorboard(out / TENSORBOARD_FOLDER, config, valid if valid is not None else train) if args.tensorboard and leader else None
     start = time.perf_counter()
     try:
         result = fit(model, guide, train, config.fit, valid=valid, args=config.conditions(train, training=True),
                      valid_args=config.conditions(valid), progress=False if args.quiet else None,
                      checkpoint=out / CHECKPOINT_FILE, resume=args.resume is not None,
-                     checkpoint_metadata=config.to_dict())
+                     checkpoint_metadata=config.to_dict(), monitor=monitor)
     except TrainingInterrupted as stop:
         raise _interrupted(stop, f"elbolab fit --resume {out}" + (f" --nproc {world_size}" if world_size > 1 else "")) from None
+    finally:
+        if monitor is not None:
+            monitor.close()
     seconds = time.perf_counter() - start
     if not leader:  # rank 0 writes the run folder
         return
@@ -256,6 +264,8 @@ def _resumed_comparison(args: argparse.Namespace) -> tuple[RunConfig, list[str],
 
 
 def _compare(args: argparse.Namespace) -> None:
+    if args.tensorboard:
+        require_tensorboard()
     resuming = args.resume is not None
     if resuming:
         config, specs, seeds, num_samples = _resumed_comparison(args)
@@ -289,6 +299,8 @@ def _compare(args: argparse.Namespace) -> None:
             test=test, valid=valid, num_samples=num_samples, progress=False if args.quiet else None,
             args=config.conditions(train, training=True), valid_args=config.conditions(valid), test_args=config.conditions(test),
             folder=out / "runs",
+            monitor=(lambda name: _tensorboard(out / TENSORBOARD_FOLDER / name, config, valid if valid is not None else train))
+            if args.tensorboard else None,
         )
     except TrainingInterrupted as stop:
         raise _interrupted(stop, f"elbolab compare --resume {out}") from None
@@ -302,6 +314,27 @@ def _compare(args: argparse.Namespace) -> None:
     if not args.quiet:
         print(f"{out}: {config.data.name}, {config.fit.epochs} epochs, nats per test point, mean ± s.e. over seeds")
         print(markdown, end="")
+
+
+def _tensorboard(folder: Path, config: RunConfig, shown: Dataset) -> Any:
+    """A TensorBoard monitor writing into ``folder``; for images, with reconstructions of ``shown`` and samples."""
+    from elbolab.runs.tensorboard import TensorBoardMonitor
+
+    if config.image_shape is None:
+        return TensorBoardMonitor(folder)
+    shown = shown.fixed_binarization(config.fit.seed)
+    inputs, conditions = shown.x[:32], tuple(c[:32] for c in config.conditions(shown))
+
+    def images(model: Any, guide: Any) -> dict[str, torch.Tensor]:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        reconstructions = config.family.reconstruct(model, guide, inputs.to(device), tuple(c.to(device) for c in conditions))
+        pictures = {"reconstructions": torch.cat([inputs, reconstructions.cpu()]).reshape(-1, *config.image_shape)}
+        if config.family.sample is not None:
+            samples, _, _ = config.family.samples(model, 32, None, config.y_dim)
+            pictures["samples"] = samples.cpu().reshape(-1, *config.image_shape)
+        return pictures
+
+    return TensorBoardMonitor(folder, images=images, image_every=5)
 
 
 def _fit_figures(folder: Path, config: RunConfig, model: Any, guide: Any, history: pd.DataFrame, shown: Dataset) -> None:

@@ -199,6 +199,11 @@ FIT_FLAGS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 # Flags that several commands take, declared once.
 SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "--tensorboard": {"action": "store_true",
+                      "help": "write TensorBoard event files into the run folder's tensorboard/: per-step and per-epoch "
+                      "scalars (loss, validation ELBO, beta, learning rate, skipped steps, codebook perplexity) and, for "
+                      "images, reconstructions and samples every 5 epochs; tensorboard --logdir runs shows every run side "
+                      "by side (needs the extra: pip install 'elbolab[tensorboard]'; default off)"},
     "--split": {"choices": ["test", "valid", "train"], "default": "test", "help": "split of the run's data set (default test)"},
     "--data-dir": {"metavar": "DIR", "help": "where the data set's files are now, if moved"},
     "--device": {"default": "auto", "metavar": "DEV", "help": "auto, cpu, cuda or cuda:N (default auto)"},
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="train in N processes on this machine with DistributedDataParallel, one per GPU on "
                             "CUDA (gloo on CPU): each takes 1/N of every batch (the same as torchrun "
                             "--standalone --nproc-per-node=N -m elbolab fit ...; default 1)")
-    _add_shared_flags(fit_parser, "--quiet")
+    _add_shared_flags(fit_parser, "--tensorboard", "--quiet")
 
     compare_parser = commands.add_parser(
         "compare", help="train one model under several objectives and seeds, and compare them",
@@ -287,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--resume", type=Path, metavar="OUT",
                                 help="continue the comparison in OUT: finished runs are read back, unfinished ones "
                                 "continue from their checkpoints (only --device and --data-dir may be given)")
-    _add_shared_flags(compare_parser, "--quiet")
+    _add_shared_flags(compare_parser, "--tensorboard", "--quiet")
 
     evaluate_parser = commands.add_parser(
         "evaluate", help="estimate ELBO and log p(x) of runs on held-out data",

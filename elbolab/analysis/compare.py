@@ -64,6 +64,7 @@ def compare_runs(
     valid_args: Sequence[Tensor] = (),
     test_args: Sequence[Tensor] = (),
     folder: str | Path | None = None,
+    monitor: Callable[[str], Any] | None = None,
     **options: Any,
 ) -> Comparison:
     """Train one model/guide pair under several objectives and seeds; evaluate each on ``test``.
@@ -93,6 +94,9 @@ def compare_runs(
             reads finished runs back, resumes unfinished ones from their checkpoints (exactly,
             on CPU) and trains the rest: an interrupted comparison loses at most the epochs
             since each run's last checkpoint. ``None``: nothing is written.
+        monitor: ``monitor(run_name)`` -> the monitor :func:`~elbolab.inference.fit` tells of that
+            run's steps and epochs (e.g. a :class:`~elbolab.runs.tensorboard.TensorBoardMonitor`
+            writing under a folder of that name), closed when it has trained; ``None``: none.
 
     Returns:
         A :class:`Comparison`. Its ``table`` has one row per objective and seed: ``objective`` (the spec), ``name``, ``options``, ``seed``,
@@ -134,11 +138,16 @@ def compare_runs(
             pyro.set_rng_seed(seed)
             model = model_factory()
             guide = guide_factory(model)
-            # Keywords, not the config: without a k in the spec, an objective keeps its own particles (IWAE's 5).
-            result = fit(model, guide, data, objective=spec, seed=seed, **shared | {"device": device},
-                         valid=valid, progress=False, args=args, valid_args=valid_args,
-                         checkpoint=run_folder / CHECKPOINT_FILE if run_folder is not None else None, resume=True,
-                         checkpoint_metadata={"objective": spec, "seed": seed})
+            run_monitor = monitor(run_folder_name(spec, seed)) if monitor is not None else None
+            try:
+                # Keywords, not the config: without a k in the spec, an objective keeps its own particles (IWAE's 5).
+                result = fit(model, guide, data, objective=spec, seed=seed, **shared | {"device": device},
+                             valid=valid, progress=False, args=args, valid_args=valid_args,
+                             checkpoint=run_folder / CHECKPOINT_FILE if run_folder is not None else None, resume=True,
+                             checkpoint_metadata={"objective": spec, "seed": seed}, monitor=run_monitor)
+            finally:
+                if run_monitor is not None:
+                    run_monitor.close()
             history = result.history
             pyro.set_rng_seed(seed)
             estimate = importance_estimate(model, guide, test_x, *test_args, num_samples=num_samples)

@@ -13,7 +13,7 @@ from __future__ import annotations
 __all__ = ["LIKELIHOODS", "PRIORS", "VAE", "Autoencoder", "Likelihood", "ModelConfig", "check_likelihood", "start_at_data_mean"]
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import pyro
@@ -151,8 +151,9 @@ class ModelConfig:
         """Refuse an option set away from its default that only ``switch = choice`` reads: it would be ignored."""
         if getattr(self, switch) == choice:
             return
+        defaults = {option.name: option.default for option in fields(self)}
         for name in options:
-            if getattr(self, name) != _DEFAULTS[name]:
+            if getattr(self, name) != defaults[name]:
                 raise InputError(f"{name} is an option of {switch} {choice}, and {switch} is {getattr(self, switch)}: "
                                  f"set {switch} to {choice} (--{switch} {choice}) or leave {name} out")
 
@@ -167,10 +168,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> ModelConfig:
         return dataclass_from_dict(cls, values, source)
-
-
-# The defaults of the options that only one choice of another option reads.
-_DEFAULTS = {"channels": (32, 64), "kernel": 3, "residual_blocks": 0, "gated": False, "pseudo_inputs": 500}
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -267,7 +264,8 @@ class VAE(nn.Module):
         decoder: a module ``[..., z_dim] -> [..., x_dim]`` to use as the decoder instead of the
             one ``hidden`` (or ``architecture``) describes, e.g. a user's own network.
         architecture: the decoder's networks, e.g. ``ModelConfig(arch="conv").architecture((28, 28))``
-            for a transposed-convolution decoder; default an MLP of ``hidden``.
+            for a transposed-convolution decoder; when given, it replaces ``hidden`` and
+            ``activation``. Default: an MLP of ``hidden``.
 
     Example:
         >>> model = VAE(784, 20, hidden=(400,))
@@ -306,6 +304,9 @@ class VAE(nn.Module):
     def init_output_bias(self, x: Tensor) -> VAE:
         """Start the decoder at the data's per-pixel mean (returns ``self``); a VampPrior's pseudo-inputs at training points.
 
+        A decoder of the user's own starts there when its last layer (``decoder.output_layer``, or
+        the last of an ``nn.Sequential``) has one bias per pixel; otherwise it is left as it is.
+
         Sets the output layer's bias so that ``p(x | z)`` has the mean of ``x`` when the rest of
         the decoder outputs zero: the pixel log-odds for the Bernoulli likelihoods, the pixel
         mean for the Gaussian (Hinton 2010, "A practical guide to training restricted Boltzmann
@@ -313,7 +314,7 @@ class VAE(nn.Module):
         statistics instead of spending its first epochs learning them: on binarized MNIST this
         is worth several nats after 10 epochs.
         """
-        layer = output_layer(self.decoder)
+        layer = output_layer(self.decoder)  # a user's decoder may have no per-pixel bias: it is left as it is
         if getattr(layer, "bias", None) is not None and layer.bias.shape == (self.x_dim,):
             start_at_data_mean(layer, x, self.config.likelihood)
         if self.prior is not None:

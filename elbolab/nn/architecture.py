@@ -151,6 +151,9 @@ class GridCodeDecoder(nn.Module):
         return self.grid_decoder(grid.movedim(-1, -3))
 
 
-def output_layer(decoder: nn.Module) -> nn.Module:
-    """The decoder's last layer, whose ``bias`` (one per output) starts at the data's mean."""
-    return decoder.output_layer if hasattr(decoder, "output_layer") else decoder[-1]
+def output_layer(decoder: nn.Module) -> nn.Module | None:
+    """The decoder's last layer, whose ``bias`` (one per output) starts at the data's mean: its
+    ``output_layer``, or the last layer of an ``nn.Sequential`` (``None`` for a module with neither)."""
+    if hasattr(decoder, "output_layer"):
+        return decoder.output_layer
+    return decoder[-1] if isinstance(decoder, nn.Sequential) and len(decoder) else None

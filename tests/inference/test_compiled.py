@@ -28,7 +28,15 @@ from elbolab.models import VAE, VQVAE, ModelConfig
 
 OPTIONS = {"vae": {"z_dim": 3}, "cvae": {"z_dim": 3}, "hvae": {"z_dims": (4, 3)}, "autoencoder": {"z_dim": 3},
            "vqvae": {"codebook_size": 6, "num_codes": 2, "z_dim": 3}, "gmvae": {"clusters": 3, "z_dim": 2},
-           "ssvae": {"z_dim": 2, "labels_per_class": 1}}
+           "ssvae": {"z_dim": 2, "labels_per_class": 1},
+           # The prior and the networks of issue 20: a VampPrior, and convolutions on 3 x 4 "images".
+           "vae+vamp": {"z_dim": 3, "prior": "vamp", "pseudo_inputs": 4},
+           "vae+conv": {"z_dim": 3, "arch": "conv", "channels": (2, 3), "gated": True, "residual_blocks": 1},
+           "hvae+conv": {"z_dims": (4, 3), "arch": "conv", "channels": (2,)},
+           "vqvae+conv": {"codebook_size": 6, "z_dim": 3, "arch": "conv", "channels": (2,)}}
+# (model, guide, objective) beyond one case per family and objective.
+VARIANTS = [("vae+vamp", "gaussian", "elbo"), ("vae+vamp", "gaussian", "iwae-dreg"), ("vae+conv", "gaussian", "iwae"),
+            ("vae+conv", "flow", "elbo"), ("hvae+conv", "ladder", "iwae"), ("vqvae+conv", "nearest-code", "elbo")]
 # Families with discrete latents: the objectives a trace covers for them (the others refuse their sites by name).
 DISCRETE_OBJECTIVES = {"gmvae": ("elbo", "iwae"), "ssvae": ("iwae",)}
 OBJECTIVE_SPECS = {
@@ -50,11 +58,12 @@ def _cases():
                 if name != "vae" and guide != family.guides[0] and objective not in ("elbo", "iwae-dreg"):
                     continue  # every objective on the VAE, two on the other guides of other families
                 yield name, guide, objective
+    yield from VARIANTS
 
 
 def _pair(name, guide_family):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name, hidden=(8,), **OPTIONS[name]), 12, y_dim=3)
+    model = build_model(ModelConfig(name.split("+")[0], hidden=(8,), **OPTIONS[name]), 12, y_dim=3, image_shape=(3, 4))
     guide = build_model_guide(GuideConfig(None if guide_family == "none" else guide_family, components=2, flow_depth=2), model)
     return model, guide
 
