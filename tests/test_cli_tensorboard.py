@@ -35,13 +35,14 @@ def test_fit_writes_the_history_as_scalars_and_images_into_the_run_folder(tmp_pa
     assert {"images/reconstructions", "images/samples"} <= set(logged.Tags()["images"])
 
 
+@pytest.mark.slow
 def test_compare_writes_one_event_folder_per_run(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     out = tmp_path / "compare"
     assert main(["compare", "--objectives", "elbo,iwae:k=2", "--epochs", "1", "--num-samples", "4", "--tensorboard",
                  "--out", str(out), *TINY]) == 0
     folders = sorted(path.name for path in (out / "tensorboard").iterdir())
-    assert folders == ["elbo-seed0", "iwae-k2-seed0"] or len(folders) == 2, folders
+    assert len(folders) == 2 and folders[0].startswith("elbo"), folders
     for folder in (out / "tensorboard").iterdir():
         assert len(events(folder).Scalars("epoch/train_loss")) == 1
 

@@ -128,6 +128,7 @@ def test_a_model_with_a_global_latent_is_refused(single_process_group: ProcessGr
         DataParallelLoss(single_process_group, pair_contract(model, guide, batch), get_objective("elbo"), model, guide, [], batch)
 
 
+@pytest.mark.slow  # 40 s: two processes launched twice; the two-process step tests above keep the default run covered
 def test_cli_nproc_writes_one_run_folder_that_loads_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     common = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--device", "cpu"]

@@ -23,7 +23,8 @@ from elbolab.runs import load_run
 # also checked without it, cheaply, below.
 CASES = [
     ("vae", "gaussian"), pytest.param("vae", "mixture", marks=pytest.mark.slow), pytest.param("vae", "flow", marks=pytest.mark.slow),
-    ("cvae", "gaussian"), pytest.param("hvae", "bottom-up", marks=pytest.mark.slow), ("hvae", "ladder"), ("vqvae", "nearest-code"),
+    pytest.param("cvae", "gaussian", marks=pytest.mark.slow), pytest.param("hvae", "bottom-up", marks=pytest.mark.slow),
+    ("hvae", "ladder"), ("vqvae", "nearest-code"),
 ]
 
 
