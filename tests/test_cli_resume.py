@@ -57,6 +57,7 @@ def reference(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # 45 s with its reference run; a kill mid-write and Ctrl-C keep resuming covered by default
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(reference, tmp_path):
     rng = random.Random(7)
     for attempt in range(2):  # two runs of two random kills each (a third took 17 s of the suite's 10 minutes)

@@ -24,7 +24,7 @@ from elbolab.runs import load_run
 CASES = [
     ("vae", "gaussian"), pytest.param("vae", "mixture", marks=pytest.mark.slow), pytest.param("vae", "flow", marks=pytest.mark.slow),
     pytest.param("cvae", "gaussian", marks=pytest.mark.slow), pytest.param("hvae", "bottom-up", marks=pytest.mark.slow),
-    ("hvae", "ladder"), ("vqvae", "nearest-code"),
+    pytest.param("hvae", "ladder", marks=pytest.mark.slow), ("vqvae", "nearest-code"),
 ]
 
 
