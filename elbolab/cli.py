@@ -67,7 +67,7 @@ from elbolab.inference.training_checkpoint import CHECKPOINT_FILE
 from elbolab.models import check_likelihood
 from elbolab.runs import RunConfig, load_run, save_run, unfinished_run
 from elbolab.runs.folder import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, checkpointed_config
-from elbolab.runs.tensorboard import require_tensorboard
+from elbolab.runs.tensorboard import TensorBoardMonitor, require_tensorboard
 from elbolab.version import __version__
 
 COMPARISON_FILE = "comparison.csv"
@@ -318,8 +318,6 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _tensorboard(folder: Path, config: RunConfig, shown: Dataset) -> Any:
     """A TensorBoard monitor writing into ``folder``; for images, with reconstructions of ``shown`` and samples."""
-    from elbolab.runs.tensorboard import TensorBoardMonitor
-
     if config.image_shape is None:
         return TensorBoardMonitor(folder)
     shown = shown.fixed_binarization(config.fit.seed)

@@ -20,7 +20,7 @@ import gzip
 import io
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,7 +122,7 @@ class DataConfig:
         """This section with ``binarize="auto"`` replaced by what it means under ``likelihood``."""
         if self.binarize != "auto":
             return self
-        return DataConfig(self.name, self.data_dir, binarization_for(self.name, likelihood), self.train_split)
+        return replace(self, binarize=binarization_for(self.name, likelihood))
 
 
 def binarization_for(name: str, likelihood: str) -> str | None:

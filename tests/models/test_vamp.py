@@ -59,8 +59,8 @@ def test_prior_is_the_mean_of_the_guides_posteriors_at_the_pseudo_inputs() -> No
     expected = torch.stack([torch.distributions.Normal(loc[k], scale[k]).log_prob(z).sum(-1) for k in range(4)]).logsumexp(0) - math.log(4)
     assert torch.allclose(model.prior_distribution().log_prob(z), expected, atol=1e-5)
     trace = pyro.poutine.trace(model).get_trace(torch.rand(10, 6).bernoulli())
-    assert torch.allclose(trace.nodes["z"]["fn"].log_prob(trace.nodes["z"]["value"]),
-                          expected.new_tensor(direct_mixture_log_prob(trace.nodes["z"]["value"], loc, scale)), atol=1e-5)
+    value = trace.nodes["z"]["value"]
+    assert torch.allclose(trace.nodes["z"]["fn"].log_prob(value), direct_mixture_log_prob(value, loc, scale), atol=1e-5)
 
 
 def test_log_likelihood_equals_the_exact_evidence_of_a_linear_gaussian_model_with_a_vamp_prior() -> None:
