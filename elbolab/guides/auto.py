@@ -48,7 +48,7 @@ FAMILY_OPTIONS = {"gaussian": (), "mixture": ("components",), "flow": ("flow", "
 
 
 @dataclass(frozen=True)
-class _Site:
+class LatentSite:
     """A latent site of the model: where its piece of u sits and how it is constrained.
 
     A local site's ``shape`` is one data point's block: its event shape, preceded by the sizes of
@@ -68,14 +68,14 @@ class _Site:
     data_position: int = 0
 
 
-def _latent_sites(sites: list[dict]) -> list[_Site]:
+def latent_sites(sites: list[dict]) -> list[LatentSite]:
     found, start = [], 0
     for site in sites:
         support = site["fn"].support
         shape = site["shape"]
         unconstrained_shape = biject_to(support).inv.forward_shape(shape)
         size = math.prod(unconstrained_shape)
-        found.append(_Site(site["name"], shape, unconstrained_shape, support, start, size, site["event_dim"],
+        found.append(LatentSite(site["name"], shape, unconstrained_shape, support, start, size, site["event_dim"],
                            site.get("nested", ()), site.get("data_position", 0)))
         start += size
     return found
@@ -146,12 +146,12 @@ class AutoAmortizedGuide(nn.Module):
         x_example = as_points(x_example, "AutoAmortizedGuide: x_example", dtype=floating_dtype(model))
         if x_example.shape[0] < 2:
             raise InputError("AutoAmortizedGuide: x_example must be a batch of two or more data points")
-        local, global_, discrete, frame = self._inspect(model, x_example)
+        local, global_, discrete, frame = model_latents(model, x_example)
         # The guide's plate over the data points is the model's: same name and dim (a subsampling
         # plate's scale comes from elbolab's data-plate scale in training, which covers both).
         self.data_plate, self.data_dim = frame.name, frame.dim
         self.x_shape = tuple(x_example.shape[1:])
-        self.local_sites, self.global_sites = _latent_sites(local), _latent_sites(global_)
+        self.local_sites, self.global_sites = latent_sites(local), latent_sites(global_)
         x_width = math.prod(x_example.shape[1:])
         joint = GUIDE_CLASSES[family]
         self.local_q = None
@@ -169,68 +169,6 @@ class AutoAmortizedGuide(nn.Module):
         self.discrete_q = DiscreteHeads(x_width, discrete, hidden, activation) if discrete else None
         self.family = family
 
-    @staticmethod
-    def _inspect(model: Callable[..., Any], x: Tensor) -> tuple[list[dict], list[dict], list[DiscreteSite], Any]:
-        """The model's continuous latent sites inside and outside its data plate, its sampled discrete ones, and the plate's frame."""
-        trace = trace_model(model, (x,))
-        frame = find_data_plate(model, trace, x.shape[0])
-        local, global_, discrete = [], [], []
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
-                continue
-            fn = site["fn"]
-            if site["infer"].get("enumerate"):
-                continue  # summed out by the objectives and estimators (the pair's contract checks how)
-            frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-            if fn.support.is_discrete:
-                if not any(f.name == frame.name for f in frames):
-                    raise InputError(
-                        f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}) and global (outside the "
-                        f"data plate {frame.name!r}); the auto guide encodes discrete latents per data point: write its guide"
-                    )
-                discrete.append(discrete_site(name, fn, x.shape[0]))
-            elif any(f.name == frame.name for f in frames):
-                local.append(_local_block(name, fn, frames, frame))
-            else:
-                if frames:
-                    raise InputError(
-                        f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]} outside the "
-                        f"data plate {frame.name!r}; a global latent must sit outside every plate"
-                    )
-                global_.append({"name": name, "fn": fn, "shape": site["value"].shape, "event_dim": site["value"].dim()})
-        if not local and not global_ and not discrete:
-            raise InputError("AutoAmortizedGuide: the model has no latent sample site")
-        return local, global_, discrete, frame
-
-    @staticmethod
-    def _constrain(u: Tensor, sites: list[_Site]) -> None:
-        """Split u into the sites' pieces; sample each site as a Delta at its constrained value.
-
-        Each Delta carries ``log |det du_s / dz_s|``, so the guide's log density of the sites is
-        ``log q(u) + sum_s log |det du_s / dz_s|`` (Pyro's ``AutoContinuous`` does the same). A
-        site in plates nested in the data plate is sampled inside them, as in the model, with
-        the point's block laid out as the model lays out its value; its Jacobian term is per
-        element, and ``log q(u)`` of the whole block is the auxiliary site's.
-        """
-        batch = u.shape[:-1]
-        for site in sites:
-            piece = u[..., site.start : site.start + site.size].reshape(tuple(batch) + tuple(site.unconstrained_shape))
-            transform = biject_to(site.support)
-            value = transform(piece)
-            log_density = transform.inv.log_abs_det_jacobian(value, piece)
-            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site.event_dim)
-            if not site.data_position:  # a global site: the whole value
-                pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.event_dim))
-                continue
-            # [..., N, block...] -> the data dim where the model has it, among the nested plates' dims.
-            block_dims = len(site.shape) - site.event_dim
-            value = value.movedim(-(len(site.shape) + 1), -site.data_position - site.event_dim)
-            log_density = log_density.movedim(-(block_dims + 1), -site.data_position)
-            with contextlib.ExitStack() as plates:
-                for plate_name, size, dim in site.nested:
-                    plates.enter_context(pyro.plate(plate_name, size, dim=dim))
-                pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.event_dim))
-
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
         if tuple(x.shape[1:]) != self.x_shape:
@@ -240,25 +178,114 @@ class AutoAmortizedGuide(nn.Module):
             )
         if self.global_q is not None:
             q_global = self.global_q.distribution(self.constant_input)
-            self._constrain(pyro.sample("_auto_global", q_global, infer={"is_auxiliary": True}), self.global_sites)
+            sample_constrained(pyro.sample("_auto_global", q_global, infer={"is_auxiliary": True}), self.global_sites)
         if self.local_q is None and self.discrete_q is None:
             return
         with pyro.plate(self.data_plate, x.shape[0], dim=self.data_dim):
             if self.local_q is not None:
-                q = self.local_q.distribution(x.reshape(x.shape[0], -1))
-                trailing = -self.data_dim - 1  # plates nested right of the data plate's dim
-                if trailing:
-                    q = _PointBatch(q, trailing)
-                u = pyro.sample("_auto_latent", q, infer={"is_auxiliary": True})
-                self._constrain(u.reshape(*u.shape[: u.dim() - 1 - trailing], u.shape[-1]), self.local_sites)
+                self._sample_u(self.local_q.local_parameters(x.reshape(x.shape[0], -1)))
             if self.discrete_q is not None:
                 self.discrete_q(x)
+
+    def local_parameters(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The local family's :meth:`local_parameters` of x (for a per-point optimized guide, with :meth:`sample_local`).
+
+        Only for a model whose latents are all continuous and inside the data plate: a global
+        latent's distribution is shared by every point, and a sampled discrete site's head
+        is not part of the family of u.
+        """
+        if self.local_q is None:
+            raise InputError(f"AutoAmortizedGuide: the model has no continuous latent inside its data plate {self.data_plate!r}")
+        others = [site.name for site in self.global_sites]
+        others += [site.name for site in self.discrete_q.sites] if self.discrete_q is not None else []
+        if others:
+            raise InputError(
+                "AutoAmortizedGuide: a per-point guide of its family covers the continuous latents inside the data "
+                f"plate {self.data_plate!r}; the model also has global or sampled discrete latents {others}"
+            )
+        return self.local_q.local_parameters(x.reshape(x.shape[0], -1))
+
+    def sample_local(self, local: Tensor) -> None:
+        """The guide's program given :meth:`local_parameters` instead of x."""
+        with pyro.plate(self.data_plate, local.shape[0], dim=self.data_dim):
+            self._sample_u(local)
+
+    def _sample_u(self, local: Tensor) -> None:
+        """Inside the data plate: u ~ q(u) of the local family's parameters, then each site at its constrained value."""
+        q = self.local_q.distribution_from(local)
+        trailing = -self.data_dim - 1  # plates nested right of the data plate's dim
+        if trailing:
+            q = PointBatch(q, trailing)
+        u = pyro.sample("_auto_latent", q, infer={"is_auxiliary": True})
+        sample_constrained(u.reshape(*u.shape[: u.dim() - 1 - trailing], u.shape[-1]), self.local_sites)
+
+
+def model_latents(model: Callable[..., Any], x: Tensor, args: tuple = ()) -> tuple[list[dict], list[dict], list[DiscreteSite], Any]:
+    """The model's continuous latent sites inside and outside its data plate, its sampled discrete ones, and the plate's frame."""
+    trace = trace_model(model, (x, *args))
+    frame = find_data_plate(model, trace, x.shape[0])
+    local, global_, discrete = [], [], []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["is_observed"]:
+            continue
+        fn = site["fn"]
+        if site["infer"].get("enumerate"):
+            continue  # summed out by the objectives and estimators (the pair's contract checks how)
+        frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+        if fn.support.is_discrete:
+            if not any(f.name == frame.name for f in frames):
+                raise InputError(
+                    f"AutoAmortizedGuide: latent site {name!r} is discrete ({type(fn).__name__}) and global (outside the "
+                    f"data plate {frame.name!r}); the auto guide encodes discrete latents per data point: write its guide"
+                )
+            discrete.append(discrete_site(name, fn, x.shape[0]))
+        elif any(f.name == frame.name for f in frames):
+            local.append(_local_block(name, fn, frames, frame))
+        else:
+            if frames:
+                raise InputError(
+                    f"AutoAmortizedGuide: latent site {name!r} sits in plates {[f.name for f in frames]} outside the "
+                    f"data plate {frame.name!r}; a global latent must sit outside every plate"
+                )
+            global_.append({"name": name, "fn": fn, "shape": site["value"].shape, "event_dim": site["value"].dim()})
+    if not local and not global_ and not discrete:
+        raise InputError("AutoAmortizedGuide: the model has no latent sample site")
+    return local, global_, discrete, frame
+
+
+def sample_constrained(u: Tensor, sites: list[LatentSite]) -> None:
+    """Split u into the sites' pieces; sample each site as a Delta at its constrained value.
+
+    Each Delta carries ``log |det du_s / dz_s|``, so the guide's log density of the sites is
+    ``log q(u) + sum_s log |det du_s / dz_s|`` (Pyro's ``AutoContinuous`` does the same). A
+    site in plates nested in the data plate is sampled inside them, as in the model, with
+    the point's block laid out as the model lays out its value; its Jacobian term is per
+    element, and ``log q(u)`` of the whole block is the auxiliary site's.
+    """
+    batch = u.shape[:-1]
+    for site in sites:
+        piece = u[..., site.start : site.start + site.size].reshape(tuple(batch) + tuple(site.unconstrained_shape))
+        transform = biject_to(site.support)
+        value = transform(piece)
+        log_density = transform.inv.log_abs_det_jacobian(value, piece)
+        log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + site.event_dim)
+        if not site.data_position:  # a global site: the whole value
+            pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.event_dim))
+            continue
+        # [..., N, block...] -> the data dim where the model has it, among the nested plates' dims.
+        block_dims = len(site.shape) - site.event_dim
+        value = value.movedim(-(len(site.shape) + 1), -site.data_position - site.event_dim)
+        log_density = log_density.movedim(-(block_dims + 1), -site.data_position)
+        with contextlib.ExitStack() as plates:
+            for plate_name, size, dim in site.nested:
+                plates.enter_context(pyro.plate(plate_name, size, dim=dim))
+            pyro.sample(site.name, dist.Delta(value, log_density=log_density, event_dim=site.event_dim))
 
 
 _NO_SAMPLE_SHAPE = torch.Size()
 
 
-class _PointBatch(dist.TorchDistribution):
+class PointBatch(dist.TorchDistribution):
     """``q(u | x)`` (batch ``[N]``, event ``[U]``) with ``trailing`` size-1 batch dims, ``[N, 1, ...]``.
 
     For a data plate at dim ``-(trailing + 1)``, left of plates nested in it: the plate needs the
@@ -292,6 +319,6 @@ class _PointBatch(dist.TorchDistribution):
         log_prob = self.base.log_prob(value.reshape(*value.shape[: value.dim() - 1 - self.trailing], value.shape[-1]))
         return log_prob.reshape(*log_prob.shape, *(1,) * self.trailing)
 
-    def expand(self, batch_shape: Any, _instance: Any = None) -> _PointBatch:
+    def expand(self, batch_shape: Any, _instance: Any = None) -> PointBatch:
         batch_shape = torch.Size(batch_shape)
-        return _PointBatch(self.base.expand(batch_shape[: len(batch_shape) - self.trailing]), self.trailing)
+        return PointBatch(self.base.expand(batch_shape[: len(batch_shape) - self.trailing]), self.trailing)

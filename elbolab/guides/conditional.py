@@ -38,8 +38,21 @@ class ConditionalGuide(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, batch_size: int | None = None) -> Tensor:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
+        return self.inner(self._inputs(x, y))
+
+    def local_parameters(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """The inner guide's :meth:`local_parameters` of ``[x, y]`` (for a per-point optimized guide)."""
+        if not hasattr(self.inner, "local_parameters"):
+            raise InputError(f"the conditional guide's inner {type(self.inner).__name__} has no local_parameters(x)")
+        return self.inner.local_parameters(self._inputs(x, y))
+
+    def sample_local(self, local: Tensor) -> Tensor:
+        """The inner guide's program given its local parameters."""
+        return self.inner.sample_local(local)
+
+    def _inputs(self, x: Tensor, y: Tensor | None) -> Tensor:
         if y is None:
             raise InputError("a conditional guide needs the conditioning y that the model is given")
         if not y.is_floating_point():
             y = as_condition(y, self.y_dim)  # labels are one-hot encoded (and range-checked) as the model does
-        return self.inner(torch.cat([x, y.to(x.dtype)], dim=-1))
+        return torch.cat([x, y.to(x.dtype)], dim=-1)

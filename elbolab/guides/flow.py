@@ -140,8 +140,20 @@ class FlowGuide(nn.Module):
 
     def distribution(self, x: Tensor) -> dist.TransformedDistribution:
         """``q(z | x)`` for a batch: batch shape ``[N]``, event shape ``[z_dim]``."""
+        return self.distribution_from(self.local_parameters(x))
+
+    def local_parameters(self, x: Tensor) -> Tensor:
+        """What the encoder gives each point, ``[N, F + 2 z_dim]``: the flows' context h(x), the base's loc and raw scale.
+
+        With :meth:`sample_local`, what a per-point optimized guide of this family optimizes
+        (:class:`~elbolab.guides.per_point.PerPointGuide`); the flow layers' weights are shared.
+        """
         context = self.trunk(x)
-        loc, raw_scale = self.head(context).split(self.z_dim, dim=-1)
+        return torch.cat([context, self.head(context)], dim=-1)
+
+    def distribution_from(self, local: Tensor) -> dist.TransformedDistribution:
+        """``q(z)`` of the given :meth:`local_parameters`: batch shape ``[N]``, event shape ``[z_dim]``."""
+        context, loc, raw_scale = local.split([local.shape[-1] - 2 * self.z_dim, self.z_dim, self.z_dim], dim=-1)
         base = dist.Normal(loc, F.softplus(raw_scale) + self.min_scale).to_event(1)
         transforms: list[dist.transforms.Transform] = []
         for index, layer in enumerate(self.layers):
@@ -152,8 +164,12 @@ class FlowGuide(nn.Module):
             transforms.append(T.Permute(self.reversal))  # an even number of reversals: identity at init
         return dist.TransformedDistribution(base, transforms)
 
+    def sample_local(self, local: Tensor) -> Tensor:
+        """The guide's program given its :meth:`local_parameters` instead of x."""
+        q = self.distribution_from(local)
+        with pyro.plate("data", local.shape[0]):
+            return pyro.sample(self.site, q)
+
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
-        q = self.distribution(x)
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample(self.site, q)
+        return self.sample_local(self.local_parameters(x))

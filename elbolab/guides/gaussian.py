@@ -59,11 +59,26 @@ class GaussianGuide(nn.Module):
 
     def distribution(self, x: Tensor) -> dist.Independent:
         """``q(z | x)`` for a batch: batch shape ``[N]``, event shape ``[z_dim]``."""
-        loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale).to_event(1)
+        return self.distribution_from(self.local_parameters(x))
+
+    def local_parameters(self, x: Tensor) -> Tensor:
+        """The encoder's output for each point, ``[N, 2 z_dim]``: ``loc`` and the scale before its softplus.
+
+        With :meth:`sample_local`, what a per-point optimized guide of this family optimizes
+        (:class:`~elbolab.guides.per_point.PerPointGuide`).
+        """
+        return self.encoder.head(self.encoder.trunk(x))
+
+    def distribution_from(self, local: Tensor) -> dist.Independent:
+        """``q(z)`` of the given :meth:`local_parameters`: batch shape ``[N]``, event shape ``[z_dim]``."""
+        return dist.Normal(*self.encoder.loc_scale(local)).to_event(1)
+
+    def sample_local(self, local: Tensor) -> Tensor:
+        """The guide's program given its :meth:`local_parameters` instead of x."""
+        q = self.distribution_from(local)
+        with pyro.plate("data", local.shape[0]):
+            return pyro.sample(self.site, q)
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
-        q = self.distribution(x)
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample(self.site, q)
+        return self.sample_local(self.local_parameters(x))

@@ -74,21 +74,36 @@ class MixtureGuide(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mixture weights ``[N, C]``, component means and scales ``[N, C, z_dim]``."""
-        logits, loc, scale = self._parameters_of_q(x)
+        logits, loc, scale = self._parameters_of_q(self.local_parameters(x))
         return F.softmax(logits, -1), loc, scale
 
     def distribution(self, x: Tensor) -> DiagonalGaussianMixture:
         """``q(z | x)`` for a batch: batch shape ``[N]``, event shape ``[z_dim]``."""
-        return DiagonalGaussianMixture(*self._parameters_of_q(x))
+        return self.distribution_from(self.local_parameters(x))
 
-    def _parameters_of_q(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.head(self.trunk(x))
+    def local_parameters(self, x: Tensor) -> Tensor:
+        """The encoder's output for each point, ``[N, C (1 + 2 z_dim)]``: the logits, means and raw scales.
+
+        With :meth:`sample_local`, what a per-point optimized guide of this family optimizes
+        (:class:`~elbolab.guides.per_point.PerPointGuide`).
+        """
+        return self.head(self.trunk(x))
+
+    def distribution_from(self, local: Tensor) -> DiagonalGaussianMixture:
+        """``q(z)`` of the given :meth:`local_parameters`: batch shape ``[N]``, event shape ``[z_dim]``."""
+        return DiagonalGaussianMixture(*self._parameters_of_q(local))
+
+    def sample_local(self, local: Tensor) -> Tensor:
+        """The guide's program given its :meth:`local_parameters` instead of x."""
+        q = self.distribution_from(local)
+        with pyro.plate("data", local.shape[0]):
+            return pyro.sample(self.site, q)
+
+    def _parameters_of_q(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits, params = out[..., : self.components], out[..., self.components :]
-        params = params.reshape(*x.shape[:-1], self.components, 2, self.z_dim)
+        params = params.reshape(*out.shape[:-1], self.components, 2, self.z_dim)
         return logits, params[..., 0, :], F.softplus(params[..., 1, :]) + self.min_scale
 
     def forward(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
         register(self)  # in Pyro's param store when Pyro's SVI collects parameters
-        q = self.distribution(x)
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample(self.site, q)
+        return self.sample_local(self.local_parameters(x))

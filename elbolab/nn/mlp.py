@@ -89,5 +89,9 @@ class GaussianEncoder(nn.Module):
         self.min_scale = min_scale
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw_scale = self.head(self.trunk(x)).split(self.z_dim, dim=-1)
+        return self.loc_scale(self.head(self.trunk(x)))
+
+    def loc_scale(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loc, scale)`` of the head's output ``[N, 2 z_dim]``."""
+        loc, raw_scale = out.split(self.z_dim, dim=-1)
         return loc, F.softplus(raw_scale) + self.min_scale
