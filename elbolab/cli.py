@@ -35,13 +35,17 @@ import torch
 from elbolab.analysis import (
     K_HAT_BAD,
     K_HAT_GOOD,
+    SNRMonitor,
+    calibration,
     compare_runs,
     diagnose,
+    plot_calibration,
     plot_comparison_curves,
     plot_comparison_summary,
     plot_history,
     plot_image_grid,
     plot_reconstructions,
+    plot_snr_against_k,
     summarize,
     to_markdown,
 )
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             # A mistake in the options or the data is one line here, not one per process.
             _training_data(_plan_fit(args)[0])
             return launch(args.nproc, _without_nproc(argv))
-        commands = {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample}
+        commands = {"fit": _fit, "compare": _compare, "evaluate": _evaluate, "diagnose": _diagnose, "sample": _sample,
+                    "calibrate": _calibrate}
         commands[args.command](args)
     except InputError as error:
         print(f"{prefix}error: {error}", file=sys.stderr)
@@ -267,6 +272,9 @@ def _compare(args: argparse.Namespace) -> None:
     if args.tensorboard:
         require_tensorboard()
     resuming = args.resume is not None
+    if resuming and args.snr:
+        raise InputError("--snr measures during training, from the first epoch: start the comparison again with it "
+                         "rather than --resume")
     if resuming:
         config, specs, seeds, num_samples = _resumed_comparison(args)
     else:
@@ -293,14 +301,25 @@ def _compare(args: argparse.Namespace) -> None:
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         out.mkdir(parents=True)
         write_json(out / CONFIG_FILE, config.to_dict() | {"objectives": specs, "seeds": list(seeds), "num_samples": num_samples})
+    snr_monitors: dict[str, SNRMonitor] = {}
+
+    def monitor(name: str) -> Any:
+        monitors = []
+        if args.tensorboard:
+            monitors.append(_tensorboard(out / TENSORBOARD_FOLDER / name, config, valid if valid is not None else train))
+        if args.snr:
+            shown = train.fixed_binarization(config.fit.seed)
+            snr_monitors[name] = SNRMonitor(shown.x[:SNR_POINTS], *(c[:SNR_POINTS] for c in config.conditions(shown)),
+                                            epochs=args.snr_epochs or [config.fit.epochs], ks=args.snr_k)
+            monitors.append(snr_monitors[name])
+        return _Monitors(monitors) if monitors else None
+
     try:
         comparison = compare_runs(
             lambda: config.new_model(train), config.new_guide, train, config.fit, objectives=specs, seeds=seeds,
             test=test, valid=valid, num_samples=num_samples, progress=False if args.quiet else None,
             args=config.conditions(train, training=True), valid_args=config.conditions(valid), test_args=config.conditions(test),
-            folder=out / "runs",
-            monitor=(lambda name: _tensorboard(out / TENSORBOARD_FOLDER / name, config, valid if valid is not None else train))
-            if args.tensorboard else None,
+            folder=out / "runs", monitor=monitor if args.tensorboard or args.snr else None,
         )
     except TrainingInterrupted as stop:
         raise _interrupted(stop, f"elbolab compare --resume {out}") from None
@@ -310,10 +329,52 @@ def _compare(args: argparse.Namespace) -> None:
     atomic_write(out / "summary.md", markdown.encode())
     plot_comparison_curves(comparison.histories, out / "learning_curves.png")
     plot_comparison_summary(summary, out / "log_likelihood.png", num_samples)
+    snr_table = _write_snr(out, snr_monitors) if args.snr else None
     atomic_write(out / COMPARISON_FILE, comparison.table.to_csv(index=False).encode())  # last: the comparison is finished
     if not args.quiet:
         print(f"{out}: {config.data.name}, {config.fit.epochs} epochs, nats per test point, mean ± s.e. over seeds")
         print(markdown, end="")
+        if snr_table is not None:
+            print(f"gradient SNR (|mean| / std over estimates, mean over parameters) on {SNR_POINTS} training points:")
+            wide = snr_table.pivot_table(index=["run", "epoch", "group"], columns=["objective", "k"], values="snr_mean")
+            print(wide.to_string(float_format=lambda v: f"{v:.3g}"))
+
+
+SNR_POINTS = 100  # training points whose gradient compare --snr measures
+
+
+class _Monitors:
+    """Several monitors of one run, told in turn."""
+
+    def __init__(self, monitors: list[Any]) -> None:
+        self.monitors = monitors
+
+    def step(self, *args: Any) -> None:
+        for monitor in self.monitors:
+            monitor.step(*args)
+
+    def epoch(self, *args: Any) -> None:
+        for monitor in self.monitors:
+            monitor.epoch(*args)
+
+    def close(self) -> None:
+        for monitor in self.monitors:
+            monitor.close()
+
+
+def _write_snr(out: Path, monitors: dict[str, SNRMonitor]) -> pd.DataFrame | None:
+    """snr.csv of every run, and snr_against_k.png of the first run at its last measured epoch."""
+    tables = [monitor.table.assign(run=name) for name, monitor in monitors.items() if len(monitor.table)]
+    if not tables:
+        print("elbolab compare: --snr measured nothing: no run reached an epoch of --snr-epochs", file=sys.stderr)
+        return None
+    table = pd.concat(tables, ignore_index=True)
+    atomic_write(out / "snr.csv", table.to_csv(index=False).encode())
+    first = table[table.run == table.run.iloc[0]]
+    last = first[first.epoch == first.epoch.max()]
+    plot_snr_against_k(last.drop(columns="run"), out / "snr_against_k.png",
+                       title=f"gradient SNR against K: {table.run.iloc[0]}, after epoch {int(last.epoch.iloc[0])}")
+    return table
 
 
 def _tensorboard(folder: Path, config: RunConfig, shown: Dataset) -> Any:
@@ -405,7 +466,7 @@ def _diagnose(args: argparse.Namespace) -> None:
         image_shape=config.image_shape, binary=data.kind == "binary", num_samples=args.num_samples, draws=args.draws,
         inference_points=args.inference_points, objective=config.fit.objective,
         attrs={"run": str(args.run), "data": config.data.name, "split": args.split, "seed": args.seed},
-        point_ids=rows.tolist(), progress=False if args.quiet else None,
+        point_ids=rows.tolist(), progress=False if args.quiet else None, gaps=args.gaps, gap_steps=args.gap_steps,
     )
     metrics_path = args.run / METRICS_FILE
     previous = read_json(metrics_path) if metrics_path.exists() else {}
@@ -422,7 +483,41 @@ def _diagnose(args: argparse.Namespace) -> None:
     print(f"  active units {s['active_units']} of {s['latent_dims']}{kl_text}")
     if "kl_per_dimension" in s:
         print(f"  KL per dimension {s['kl_per_dimension']}")
+    if args.gaps:
+        print(f"  gaps of {s['gap_points']} points ({s['gap_steps']} steps of per-point guides): approximation "
+              f"{s['approximation_gap_mean']:.3f}, amortization {s['amortization_gap_mean']:.3f} nats per point; "
+              f"a per-point full-covariance Gaussian's approximation gap {s['approximation_gap_full_mean']:.3f}  (gaps.csv)")
     print(f"  wrote {', '.join(path.name for path in result.files)}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    run = load_run(args.run, device=resolve_device(args.device))
+    config = run.config
+    if config.family.no_diagnosis:
+        raise InputError(f"{args.run} holds a run of the {config.model.name} model: {config.family.no_diagnosis}")
+    pyro.set_rng_seed(args.seed)
+    try:
+        result = calibration(run.model, run.guide, num_simulations=args.simulations, num_draws=args.draws, bins=args.bins,
+                             progress=False if args.quiet else None)
+    except InputError as error:
+        raise InputError(f"{args.run}: {error}") from None
+    atomic_write(args.run / "calibration.csv", result.table.to_csv(index=False).encode())
+    atomic_write(args.run / "calibration_ranks.csv", result.ranks.to_csv(index=False).encode())
+    plot_calibration(result, args.run / "calibration.png",
+                     title=f"{config.model.name} on {config.data.name}, {config.fit.objective}: SBC ranks")
+    verdicts = result.table["verdict"].value_counts().to_dict()
+    summary = {"simulations": args.simulations, "draws": args.draws, "bins": result.bins, "seed": args.seed,
+               "dimensions": len(result.table), "verdicts": verdicts,
+               "min_chi2_p": float(result.table["chi2_p"].min()), "min_ks_p": float(result.table["ks_p"].min())}
+    metrics_path = args.run / METRICS_FILE
+    previous = read_json(metrics_path) if metrics_path.exists() else {}
+    write_json(metrics_path, previous | {"calibration": summary, "elbolab_version": __version__})
+    if args.quiet:
+        return
+    print(f"{args.run}: simulation-based calibration, {args.simulations} simulations x {args.draws} draws of q(z|x)")
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print("  " + ", ".join(f"{count} {verdict}" for verdict, count in verdicts.items())
+          + " of " + f"{len(result.table)} dimensions; wrote calibration.csv, calibration_ranks.csv, calibration.png")
 
 
 def _sample(args: argparse.Namespace) -> None:

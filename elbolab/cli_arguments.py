@@ -292,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--resume", type=Path, metavar="OUT",
                                 help="continue the comparison in OUT: finished runs are read back, unfinished ones "
                                 "continue from their checkpoints (only --device and --data-dir may be given)")
+    compare_parser.add_argument("--snr", action="store_true",
+                                help="measure the signal-to-noise ratio |mean| / std of the encoder's and the decoder's "
+                                "gradients (Rainforth et al. 2018) of every run at --snr-epochs, under iwae, iwae-dreg and "
+                                "iwae-stl at each K of --snr-k, on a batch of training points; writes snr.csv and "
+                                "snr_against_k.png (default off)")
+    compare_parser.add_argument("--snr-epochs", type=_widths, metavar="E[,E...]",
+                                help="epochs after which --snr measures (default: the last)")
+    compare_parser.add_argument("--snr-k", type=_widths, default=[1, 4, 16, 64], metavar="K[,K...]",
+                                help="particle counts of --snr (default 1,4,16,64)")
     _add_shared_flags(compare_parser, "--tensorboard", "--quiet")
 
     evaluate_parser = commands.add_parser(
@@ -332,7 +341,35 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose_parser.add_argument("--inference-points", type=_positive_int, default=500, metavar="N",
                                  help="points exported to inference_data.nc, evenly spaced over those diagnosed "
                                  "(default 500; its size grows as draws x points x data width)")
+    diagnose_parser.add_argument("--gaps", type=_positive_int, nargs="?", const=100, default=0, metavar="N",
+                                 help="also split the gap log p(x) - ELBO of N points spread over those diagnosed "
+                                 "(100 when N is left out) into the approximation gap (of the guide's family) and the "
+                                 "amortization gap (of sharing one encoder), Cremer et al. 2018: each point's own guide of "
+                                 "the family, and a full-covariance Gaussian, optimized with the model frozen; writes "
+                                 "gaps.csv and gaps.png (default: not computed)")
+    diagnose_parser.add_argument("--gap-steps", type=_positive_int, default=500, metavar="STEPS",
+                                 help="Adam steps of each point's own guide for --gaps (default 500)")
     _add_shared_flags(diagnose_parser, "--split", "--data-dir", "--device", "--seed", "--quiet")
+
+    calibrate_parser = commands.add_parser(
+        "calibrate", help="simulation-based calibration of a run's guide, per latent dimension",
+        description="Simulation-based calibration (Talts et al. 2018): draw z ~ p(z) and x ~ p(x|z) from the run's "
+        "model, then draws of q(z|x) from its guide, and rank the true z among them in every latent dimension. For "
+        "a calibrated guide the ranks are uniform; a U shape means q is too narrow (under-dispersed), a hump too "
+        "wide (over-dispersed), a slope biased. Writes calibration.csv (one row per dimension: chi-square and KS "
+        "p-values, verdict), calibration_ranks.csv and calibration.png (rank histograms with the band of a uniform "
+        "one) into the run folder, adds a summary to metrics.json and prints it.",
+        epilog="example:\n  elbolab calibrate runs/digits-vae-elbo-seed0 --simulations 1000 --draws 99",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    calibrate_parser.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    calibrate_parser.add_argument("--simulations", type=_positive_int, default=1000, metavar="S",
+                                  help="simulated data points (default 1000)")
+    calibrate_parser.add_argument("--draws", type=_positive_int, default=99, metavar="L",
+                                  help="draws of q(z|x) per simulated point; ranks run from 0 to L (default 99)")
+    calibrate_parser.add_argument("--bins", type=_positive_int, default=20, metavar="B",
+                                  help="bins of the rank histograms and the chi-square test (default 20)")
+    _add_shared_flags(calibrate_parser, "--device", "--seed", "--quiet")
 
     sample_parser = commands.add_parser(
         "sample", help="draw new data from a run's model",

@@ -1,5 +1,6 @@
 """Figures, comparisons, diagnostics and the latent space of trained models."""
 
+from elbolab.analysis.calibration import Calibration, calibration, plot_calibration
 from elbolab.analysis.clustering import cluster_probabilities, clustering_accuracy
 from elbolab.analysis.compare import Comparison, compare, compare_runs, summarize, to_markdown
 from elbolab.analysis.diagnostics import (
@@ -13,6 +14,7 @@ from elbolab.analysis.diagnostics import (
     save_inference_data,
     to_inference_data,
 )
+from elbolab.analysis.gaps import GAP_FAMILIES, inference_gaps, plot_inference_gaps
 from elbolab.analysis.latent import (
     active_units,
     interpolate,
@@ -36,39 +38,50 @@ from elbolab.analysis.plots import (
     plot_reconstructions,
 )
 from elbolab.analysis.report import Diagnosis, diagnose
+from elbolab.analysis.snr import SNRMonitor, gradient_snr, plot_snr_against_k, snr_against_k
 
 __all__ = [
+    "GAP_FAMILIES",
     "IMAGE_STATISTICS",
     "K_HAT_BAD",
     "K_HAT_GOOD",
+    "Calibration",
     "Comparison",
     "Diagnosis",
+    "SNRMonitor",
     "active_units",
+    "calibration",
     "cluster_probabilities",
     "clustering_accuracy",
     "compare",
     "compare_runs",
     "diagnose",
+    "gradient_snr",
     "importance_diagnostics",
+    "inference_gaps",
     "interpolate",
     "kl_per_dimension",
     "latent_arithmetic",
     "latent_projection",
     "load_inference_data",
+    "plot_calibration",
     "plot_comparison_curves",
     "plot_comparison_summary",
     "plot_gap_histogram",
     "plot_history",
     "plot_image_grid",
     "plot_image_rows",
+    "plot_inference_gaps",
     "plot_khat",
     "plot_kl_per_dimension",
     "plot_latent_scatter",
     "plot_ppc_statistics",
     "plot_reconstructions",
+    "plot_snr_against_k",
     "posterior_means",
     "save_inference_data",
     "slerp",
+    "snr_against_k",
     "summarize",
     "to_inference_data",
     "to_markdown",

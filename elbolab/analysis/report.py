@@ -15,6 +15,7 @@ and draws the figures a user looks at to see where the amortized guide fails:
     traversals.png           the most informative latent dimensions swept over +-3             (images)
     ppc_images.png           observed images above images replicated from their posteriors     (images)
     ppc_statistics.png       ArviZ's posterior predictive check of per-image statistics         (images)
+    gaps.csv, gaps.png       approximation and amortization gaps of points spread over the data  (gaps=N)
 
 Files are written to a temporary folder first and moved into place at the end, so a failure leaves
 the folder as it was.
@@ -47,6 +48,7 @@ from elbolab.analysis.diagnostics import (
     save_inference_data,
     to_inference_data,
 )
+from elbolab.analysis.gaps import inference_gaps, plot_inference_gaps
 from elbolab.analysis.latent import (
     ACTIVE_UNIT_THRESHOLD,
     interpolate,
@@ -94,6 +96,8 @@ def diagnose(
     attrs: Mapping[str, str | int | float] | None = None,
     point_ids: Sequence[int] | None = None,
     progress: bool | None = None,
+    gaps: int = 0,
+    gap_steps: int = 500,
 ) -> Diagnosis:
     """Compute every diagnostic of ``model`` and ``guide`` on ``x`` and write it into ``folder``.
 
@@ -112,6 +116,9 @@ def diagnose(
         point_ids: what to call the points (the table's index ``point`` and the InferenceData's
             ``obs``), e.g. their rows in the full split when ``x`` is a subset; default 0 .. N-1.
         progress: progress bar of the importance sampling (``None``: only on a terminal).
+        gaps: how many points, evenly spaced over ``x``, get their approximation and amortization
+            gaps (:func:`~elbolab.analysis.gaps.inference_gaps`, ``gap_steps`` steps per point,
+            ``num_samples`` draws per ELBO); 0: none.
 
     Returns:
         A :class:`Diagnosis`.
@@ -144,11 +151,20 @@ def diagnose(
         else:
             kl_note = None
         coords, axis_labels = latent_projection(guide, x)
+    gap_table = None
+    if gaps:
+        gap_rows = _spread(num_points, gaps)
+        gap_table = inference_gaps(model, guide, x[torch.as_tensor(gap_rows, device=x.device)], steps=gap_steps,
+                                   num_samples=num_samples, progress=progress)
+        gap_table.index = pd.Index(point_ids[gap_rows], name="point")
 
     if labels is not None:
         table.insert(0, "label", labels.cpu().numpy())
     table.index = pd.Index(point_ids, name="point")
     summary = _summary(table, dimensions, num_samples, kl_note)
+    if gap_table is not None:
+        summary |= {"gap_points": len(gap_table), "gap_steps": gap_steps,
+                    **{f"{column}_mean": float(gap_table[column].mean()) for column in gap_table.columns if "gap" in column}}
 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".diagnose-") as tmp:
         out = Path(tmp)
@@ -162,6 +178,9 @@ def diagnose(
                             pareto_k=table["pareto_k"].to_numpy())
         if "kl" in dimensions:
             plot_kl_per_dimension(dimensions, out / "kl_per_dimension.png")
+        if gap_table is not None:
+            atomic_write(out / "gaps.csv", gap_table.to_csv().encode())
+            plot_inference_gaps(gap_table, out / "gaps.png")
         if image_shape is not None:
             with pyro.validation_enabled(False):
                 _image_figures(model, guide, x, table, dimensions, idata, image_shape, labels, out, binary)
