@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_parser.add_argument("--draws", type=_positive_int, default=99, metavar="L",
                                   help="draws of q(z|x) per simulated point; ranks run from 0 to L (default 99)")
     calibrate_parser.add_argument("--bins", type=_positive_int, default=20, metavar="B",
-                                  help="bins of the rank histograms and the chi-square test (default 20)")
+                                  help="bins of the rank histograms and the chi-square test, at least 2 (default 20)")
     _add_shared_flags(calibrate_parser, "--device", "--seed", "--quiet")
 
     sample_parser = commands.add_parser(

@@ -110,6 +110,7 @@ def inference_gaps(
             f"inference_gaps: the model has global latents {list(contract.global_latents)} outside its data plate "
             f"{contract.data_plate!r}; the gaps are per data point, for models whose latents are all per point"
         )
+    # Only the trainable ones, so that restoring them leaves a parameter the user froze frozen.
     frozen = [p for module in (model, guide) if isinstance(module, nn.Module) for p in module.parameters() if p.requires_grad]
     blocks = range(0, x.shape[0], batch_size)
     bar = tqdm(total=2 * steps * len(blocks), desc="per-point guides", unit="step", disable=_disable(progress), leave=False)
@@ -198,14 +199,17 @@ def _disable(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def plot_inference_gaps(table: pd.DataFrame, path: str | Path, *, max_points: int = 60, title: str | None = None) -> None:
+def plot_inference_gaps(table: pd.DataFrame, path: str | Path, *, max_points: int = 60, title: str | None = None) -> Path:
     """A stacked bar per data point: the approximation gap below the amortization gap, largest total first.
 
     ``table`` is :func:`inference_gaps`' result; the ``max_points`` points with the largest total
     gap are drawn, next to a bar of the mean over every point; the flexible family's
-    approximation gap is marked on each bar.
+    approximation gap is marked on each bar. Returns ``path``.
     """
-    flexible = next(c for c in table.columns if c.startswith("approximation_gap_"))
+    flexible = next((c for c in table.columns if c.startswith("approximation_gap_")), None)
+    if flexible is None or not {"approximation_gap", "amortization_gap"} <= set(table.columns):
+        raise InputError(f"plot_inference_gaps: table has columns {list(table.columns)}; it takes inference_gaps' table "
+                         "(approximation_gap, amortization_gap, approximation_gap_<family>)")
     total = table["approximation_gap"] + table["amortization_gap"]
     shown = table.loc[total.sort_values(ascending=False).index[:max_points]]
     labels = ["mean"] + [str(point) for point in shown.index]
@@ -225,4 +229,4 @@ def plot_inference_gaps(table: pd.DataFrame, path: str | Path, *, max_points: in
     axis.set_ylabel("nats")
     axis.set_title(title or "where the amortized guide loses its nats (Cremer et al. 2018)")
     axis.legend(fontsize=8, loc="upper right")
-    save_figure(figure, path)
+    return save_figure(figure, path)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 __all__ = ["SNRMonitor", "gradient_snr", "plot_snr_against_k", "snr_against_k"]
 
-import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +52,7 @@ from elbolab.data.checks import as_points
 from elbolab.errors import InputError
 from elbolab.inference.objectives import as_objective, get_objective, parse_objective_spec
 from elbolab.programs import modules_behind
+from elbolab.random_state import kept_rng_state
 
 Model = Callable[..., Any]
 Guide = Callable[..., Any]
@@ -330,7 +330,7 @@ class SNRMonitor:
         device = _device(model, guide, self.x.device)
         x = self.x.to(device)
         args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in self.args)
-        with _kept_rng_state():
+        with kept_rng_state():
             table = snr_against_k(model, guide, x, *args, objectives=self.objectives, ks=self.ks,
                                   num_estimates=self.num_estimates, progress=False)
         table.insert(0, "epoch", epoch)
@@ -470,16 +470,3 @@ def _kept_buffers(*programs: Any) -> Iterator[None]:
                 if getattr(module, name, None) is not tensor:
                     setattr(module, name, tensor)
                 tensor.copy_(value)
-
-
-@contextmanager
-def _kept_rng_state() -> Iterator[None]:
-    """Put torch's (CPU and initialized CUDA devices), Python's and NumPy's generators back as they were."""
-    python, numpy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy)

@@ -36,7 +36,6 @@ __all__ = ["TensorBoardMonitor", "image_grid", "require_tensorboard"]
 
 import math
 import numbers
-import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from torch.nn import functional as F
 
 from elbolab.config import is_integer
 from elbolab.errors import InputError
+from elbolab.random_state import kept_rng_state
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -224,7 +224,7 @@ class TensorBoardMonitor:
 
     def _write_images(self, model: Any, guide: Any, epoch: int) -> None:
         writer = self._open_writer()
-        with _evaluating(model, guide), _kept_rng_state(), torch.no_grad():
+        with _evaluating(model, guide), kept_rng_state(), torch.no_grad():
             images = self.images(model, guide)
         for name, value in images.items():
             tag = name if name.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + name
@@ -265,16 +265,3 @@ def _evaluating(*programs: Any) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-@contextmanager
-def _kept_rng_state() -> Iterator[None]:
-    """Put torch's (CPU and initialized CUDA devices), Python's and NumPy's generators back as they were."""
-    python, numpy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy)

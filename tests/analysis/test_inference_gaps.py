@@ -98,6 +98,18 @@ def test_the_model_and_the_guide_are_left_as_they_were(linear_gaussian):
         assert (p.grad is None) == (grad is None) and (grad is None or torch.equal(p.grad, grad))
 
 
+def test_a_parameter_the_user_froze_stays_frozen(linear_gaussian):
+    model, guide, x = linear_gaussian
+    frozen = next(guide.parameters())
+    frozen.requires_grad_(False)
+    try:
+        inference_gaps(model, guide, x[:4], steps=5, num_samples=10)
+        assert not frozen.requires_grad
+        assert all(p.requires_grad for p in list(guide.parameters())[1:])
+    finally:
+        frozen.requires_grad_(True)
+
+
 def test_flow_guide_optimized_per_point_beats_its_encoder(linear_gaussian):
     model, _, x = linear_gaussian
     pyro.set_rng_seed(2)
@@ -161,3 +173,6 @@ def test_refusals_name_the_problem(linear_gaussian):
 def test_plot_inference_gaps_writes_a_figure(gaps, tmp_path):
     plot_inference_gaps(gaps, tmp_path / "gaps.png", max_points=10)
     assert (tmp_path / "gaps.png").stat().st_size > 10_000
+    with pytest.raises(InputError, match="inference_gaps' table"):
+        plot_inference_gaps(gaps.drop(columns="approximation_gap_full"), tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
