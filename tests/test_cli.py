@@ -122,7 +122,7 @@ def test_help_explains_every_command(capsys):
     # The entry point once, in a process of its own; every command's help in this one (an import costs seconds).
     result = subprocess.run([sys.executable, "-m", "elbolab", "fit", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: elbolab fit" in result.stdout
-    for command in ("fit", "compare", "evaluate", "diagnose", "sample"):
+    for command in ("fit", "compare", "evaluate", "diagnose", "calibrate", "sample"):
         with pytest.raises(SystemExit) as done:
             main([command, "--help"])
         assert done.value.code == 0 and "usage: elbolab " + command in capsys.readouterr().out

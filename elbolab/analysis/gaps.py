@@ -40,6 +40,7 @@ import pyro
 import torch
 from pyro import poutine
 from torch import Tensor, nn
+from torch.distributions import Independent, TransformedDistribution
 from tqdm.auto import tqdm
 
 from elbolab.analysis.plots import save_figure
@@ -52,6 +53,8 @@ from elbolab.inference.traces import PARTICLE_PLATE
 
 GAP_FAMILIES = COVARIANCES  # the flexible family: a per-point Gaussian with a "full" or "diagonal" covariance
 MOMENT_DRAWS = 256  # draws of the amortized guide whose moments start the flexible family
+STICKING_THE_LANDING = "elbo-stl:k=16"  # the per-point guides' default objective
+PATHWISE = "elbo:k=16"  # ... for a flow family, whose sticking-the-landing gradient needs its inverse
 
 
 def inference_gaps(
@@ -62,7 +65,7 @@ def inference_gaps(
     family: str = "full",
     steps: int = 500,
     num_samples: int = 1000,
-    objective: str = "elbo-stl:k=16",
+    objective: str | None = None,
     learning_rate: float = 0.05,
     batch_size: int = 100,
     progress: bool | None = None,
@@ -77,10 +80,15 @@ def inference_gaps(
         family: the flexible family's covariance, ``"full"`` or ``"diagonal"``.
         steps: Adam steps of the per-point optimization.
         num_samples: K, draws per point for each ELBO and for log p(x).
-        objective: what the per-point guides maximize: an ELBO spec (``elbo-stl:k=16``, sticking
-            the landing, whose gradient noise vanishes as q reaches the posterior; or
-            ``elbo:k=N``; ``iwae-dreg:k=N`` finds the guide of the tightest IWAE bound instead,
-            whose ELBO is then not the best of the family).
+        objective: what the per-point guides maximize, an objective spec. By default
+            :data:`STICKING_THE_LANDING` (``elbo-stl:k=16``: its gradient noise vanishes as q
+            reaches the posterior) for the Gaussian, mixture and Gaussian-base families, and
+            :data:`PATHWISE` (``elbo:k=16``) for a family that is a flow: sticking the landing
+            scores draws with the flow's parameters detached, at points the flow did not just
+            draw, so it needs the flow's inverse (an autoregressive flow's costs one network
+            pass per latent dimension; planar and radial flows have none). Given, it is used
+            for both per-point guides; ``iwae-dreg:k=N`` finds the guide of the tightest IWAE
+            bound instead, whose ELBO is then not the best of the family.
         learning_rate: Adam's, decayed linearly to a tenth over the steps.
         batch_size: points optimized together.
         progress: a progress bar over the optimization (``None``: only on a terminal).
@@ -102,8 +110,8 @@ def inference_gaps(
             raise InputError(f"inference_gaps: {name} must be a positive integer, got {value!r}")
     if not learning_rate > 0:
         raise InputError(f"inference_gaps: learning_rate must be positive, got {learning_rate!r}")
-    name, options = parse_objective_spec(objective)
-    optimizer_objective = get_objective(name, **options)
+    if objective is not None:
+        objective = _objective(objective)
     x, args, contract = evaluation_inputs(model, guide, x, args)
     if contract.global_latents:
         raise InputError(
@@ -122,7 +130,7 @@ def inference_gaps(
             for start in blocks:
                 batch = (x[start : start + batch_size], *(a[start : start + batch_size] for a in args))
                 tables.append(_gaps_of_batch(model, guide, batch, contract.plate_nesting, family, steps, num_samples,
-                                             optimizer_objective, learning_rate, bar))
+                                             objective, learning_rate, bar))
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -140,16 +148,17 @@ def _gaps_of_batch(
     family: str,
     steps: int,
     num_samples: int,
-    objective: Any,
+    objective: Any | None,
     learning_rate: float,
     bar: Any,
 ) -> pd.DataFrame:
     size = batch[0].shape[0]
     same = PerPointGuide(guide, *batch)
-    draws = _draws(guide, batch, plate_nesting)
+    draws, is_flow = _draws(guide, batch, plate_nesting)
     flexible = PerPointGaussian.from_draws(model, *batch, draws=draws, covariance=family)
-    for per_point in (same, flexible):
-        _maximize(objective, model, per_point, batch, steps, learning_rate, bar)
+    for per_point, flow in ((same, is_flow), (flexible, False)):
+        chosen = objective or _objective(PATHWISE if flow else STICKING_THE_LANDING)
+        _maximize(chosen, model, per_point, batch, steps, learning_rate, bar)
     bounds = {}
     for label, q in (("amortized", guide), ("optimized", same), (family, flexible)):
         log_w = log_importance_weights(model, q, *batch, num_samples=num_samples, batch_size=size).double()  # [K, n]
@@ -168,12 +177,23 @@ def _gaps_of_batch(
 
 
 @torch.no_grad()
-def _draws(guide: Callable[..., Any], batch: tuple[Tensor, ...], plate_nesting: int) -> dict[str, Tensor]:
-    """:data:`MOMENT_DRAWS` draws of every latent site of the guide, ``[S, n, *event]``."""
+def _draws(guide: Callable[..., Any], batch: tuple[Tensor, ...], plate_nesting: int) -> tuple[dict[str, Tensor], bool]:
+    """:data:`MOMENT_DRAWS` draws of every latent site of the guide, ``[S, n, *event]``, and whether it is a flow.
+
+    A flow: some sample site (an auxiliary one among them, as an automatic guide's ``q(u)``) has a
+    ``TransformedDistribution``, under any ``Independent``.
+    """
     with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, MOMENT_DRAWS, dim=-(plate_nesting + 1)):
         guide(*batch)
-    return {name: site["value"] for name, site in tracer.trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site["infer"].get("is_auxiliary")}
+    sites = [(name, site) for name, site in tracer.trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
+    is_flow = any(isinstance(_unwrapped(site["fn"]), TransformedDistribution) for _, site in sites)
+    return {name: site["value"] for name, site in sites if not site["infer"].get("is_auxiliary")}, is_flow
+
+
+def _unwrapped(fn: Any) -> Any:
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn
 
 
 def _maximize(
@@ -193,6 +213,11 @@ def _maximize(
             optimizer.step()
         schedule.step()
         bar.update(1)
+
+
+def _objective(spec: str) -> Any:
+    name, options = parse_objective_spec(spec)
+    return get_objective(name, **options)
 
 
 def _disable(progress: bool | None) -> bool | None:
@@ -229,4 +254,5 @@ def plot_inference_gaps(table: pd.DataFrame, path: str | Path, *, max_points: in
     axis.set_ylabel("nats")
     axis.set_title(title or "where the amortized guide loses its nats (Cremer et al. 2018)")
     axis.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()  # the rotated point labels and the axis label inside the figure
     return save_figure(figure, path)
