@@ -37,7 +37,7 @@ def test_diagnose_gaps_writes_the_table_the_figure_and_the_mean_gaps(fitted_run,
     assert summary["gap_points"] == 8 and summary["gap_steps"] == 30
     assert summary["amortization_gap_mean"] == pytest.approx(gaps.amortization_gap.mean())
     assert summary["approximation_gap_mean"] == pytest.approx(gaps.approximation_gap.mean())
-    assert "amortization gap" in capsys.readouterr().out
+    assert "gaps of 8 points (30 steps of per-point guides): approximation" in capsys.readouterr().out
 
 
 def test_calibrate_writes_ranks_per_dimension_and_a_summary(fitted_run, tmp_path, capsys):

@@ -176,3 +176,16 @@ def test_plot_inference_gaps_writes_a_figure(gaps, tmp_path):
     with pytest.raises(InputError, match="inference_gaps' table"):
         plot_inference_gaps(gaps.drop(columns="approximation_gap_full"), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_flow_family_is_optimized_pathwise_by_default(linear_gaussian):
+    # Sticking the landing scores draws with the flow's parameters detached, which needs the flow's
+    # inverse; a planar flow has none, so only the pathwise default can optimize it.
+    model, _, x = linear_gaussian
+    pyro.set_rng_seed(0)
+    planar = FlowGuide(16, 4, flow="planar", flow_depth=2, hidden=(32,))
+    fit(model, planar, x, epochs=3, seed=0, progress=False)
+    gaps = inference_gaps(model, planar, x[:6], steps=40, num_samples=100, progress=False)
+    assert gaps.notna().all().all() and (gaps.elbo_optimized > gaps.elbo_amortized).all()
+    with pytest.raises(InputError, match="site 'z'.*cannot invert"):
+        inference_gaps(model, planar, x[:6], steps=2, num_samples=10, objective="elbo-stl:k=4", progress=False)
