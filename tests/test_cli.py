@@ -12,17 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY, exit_status_and_stderr
 
 from elbolab.cli import build_parser, main
-
-TINY = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--epochs", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["fit", *TINY, "--out", str(out)]) == 0
-    return out
 
 
 def test_fit_writes_a_complete_run_folder(fitted_run):
@@ -88,15 +80,16 @@ def test_toml_config_fills_the_same_fields_and_flags_override(tmp_path):
         (["diagnose", "runs/x", "--draws", "0"], "--draws"),
     ],
 )
-def test_user_mistakes_exit_2_with_one_line(tmp_path, argv, message):
+def test_user_mistakes_exit_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
     if "cuda:7" in argv and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     argv = [*argv, "--out", str(out)] if argv[0] == "fit" else argv
-    result = subprocess.run([sys.executable, "-m", "elbolab", *argv], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    status, stderr = exit_status_and_stderr(argv, capsys)
+    assert status == 2
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert not out.exists()
 
 
@@ -153,12 +146,12 @@ def test_compare_writes_the_table_summary_and_figures(tmp_path, capsys):
         (["compare", "--objectives", "elbo", "--seeds", "1,1"], "seeds repeat"),
     ],
 )
-def test_compare_refuses_bad_specs(tmp_path, argv, message):
+def test_compare_refuses_bad_specs(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "elbolab", *argv, "--binarize", "dynamic", "--out", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    status, stderr = exit_status_and_stderr([*argv, "--binarize", "dynamic", "--out", str(out)], capsys)
+    assert status == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 

@@ -2,22 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
+from conftest import exit_status_and_stderr
 
 from elbolab.cli import main
-
-TINY = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--epochs", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["fit", *TINY, "--out", str(out)]) == 0
-    return out
 
 
 def test_diagnose_gaps_writes_the_table_the_figure_and_the_mean_gaps(fitted_run, tmp_path, capsys):
@@ -80,19 +70,17 @@ def test_compare_snr_measures_every_objective_at_every_k(tmp_path, capsys):
         (["diagnose", "RUN", "--gap-steps", "-3"], "--gap-steps", "gaps.csv"),
     ],
 )
-def test_diagnostic_mistakes_exit_2_with_one_line(fitted_run, tmp_path, argv, message, written):
+def test_diagnostic_mistakes_exit_2_with_one_line(fitted_run, tmp_path, capsys, argv, message, written):
     run = tmp_path / "run"
     shutil.copytree(fitted_run, run)
-    argv = [str(run) if a == "RUN" else a for a in argv]
-    result = subprocess.run([sys.executable, "-m", "elbolab", *argv], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    status, stderr = exit_status_and_stderr([str(run) if a == "RUN" else a for a in argv], capsys)
+    assert status == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     if written:
         assert not (run / written).exists() and not (run / "metrics.json").exists()
 
 
-def test_compare_snr_with_resume_is_refused_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "elbolab", "compare", "--resume", str(tmp_path / "old"), "--snr"],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2 and "--snr" in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_compare_snr_with_resume_is_refused_in_one_line(tmp_path, capsys):
+    status, stderr = exit_status_and_stderr(["compare", "--resume", str(tmp_path / "old"), "--snr"], capsys)
+    assert status == 2 and "--snr" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr

@@ -157,7 +157,7 @@ def _gaps_of_batch(
     draws, is_flow = _draws(guide, batch, plate_nesting)
     flexible = PerPointGaussian.from_draws(model, *batch, draws=draws, covariance=family)
     for per_point, flow in ((same, is_flow), (flexible, False)):
-        chosen = objective or _objective(PATHWISE if flow else STICKING_THE_LANDING)
+        chosen = objective if objective is not None else _objective(PATHWISE if flow else STICKING_THE_LANDING)
         _maximize(chosen, model, per_point, batch, steps, learning_rate, bar)
     bounds = {}
     for label, q in (("amortized", guide), ("optimized", same), (family, flexible)):
