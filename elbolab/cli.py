@@ -494,7 +494,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     run = load_run(args.run, device=resolve_device(args.device))
     config = run.config
     if config.family.no_diagnosis:
-        raise InputError(f"{args.run} holds a run of the {config.model.name} model: {config.family.no_diagnosis}")
+        raise InputError(f"{args.run} holds a run of the {config.model.name} model, which calibrate reads no more "
+                         f"than diagnose: {config.family.no_diagnosis}")
     pyro.set_rng_seed(args.seed)
     try:
         result = calibration(run.model, run.guide, num_simulations=args.simulations, num_draws=args.draws, bins=args.bins,

@@ -84,3 +84,14 @@ def test_compare_snr_with_resume_is_refused_in_one_line(tmp_path, capsys):
     status, stderr = exit_status_and_stderr(["compare", "--resume", str(tmp_path / "old"), "--snr"], capsys)
     assert status == 2 and "--snr" in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_diagnose_gaps_refuses_a_guide_without_per_point_parameters(tmp_path, capsys):
+    run = tmp_path / "hvae"
+    fit = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--epochs", "1", "--quiet"]
+    assert main(["fit", *fit, "--model", "hvae", "--z-dims", "3,2", "--out", str(run)]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    status, stderr = exit_status_and_stderr(["diagnose", str(run), "--gaps", "4"], capsys)
+    assert status == 2 and "BottomUpGuide does not expose its family's parameters per point" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -65,6 +65,7 @@ from elbolab.analysis.plots import (
 )
 from elbolab.errors import InputError
 from elbolab.files import atomic_write
+from elbolab.guides.per_point import require_local_parameters
 from elbolab.models.draws import decode_posterior_draws
 
 TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
@@ -125,6 +126,8 @@ def diagnose(
     """
     if inference_points < 1 or draws < 1:
         raise InputError("inference_points and draws must be positive")
+    if gaps:
+        require_local_parameters(guide)  # before minutes of other diagnostics, not after
     folder = Path(folder)
     num_points = x.shape[0]
     point_ids = np.arange(num_points) if point_ids is None else np.asarray(point_ids, dtype=np.int64)

@@ -22,7 +22,7 @@ another batch, they refuse rather than give a point another point's posterior.
 
 from __future__ import annotations
 
-__all__ = ["COVARIANCES", "PerPointGaussian", "PerPointGuide"]
+__all__ = ["COVARIANCES", "PerPointGaussian", "PerPointGuide", "require_local_parameters"]
 
 import math
 from collections.abc import Callable
@@ -49,6 +49,20 @@ def _check_rows(what: str, points: Tensor, x: Tensor) -> None:
         )
 
 
+def require_local_parameters(guide: Any) -> None:
+    """Refuse a guide without the local-parameter protocol, of which a per-point guide is built.
+
+    Raises:
+        InputError: ``guide`` has no ``local_parameters(x, *args)`` and ``sample_local(local)``.
+    """
+    if not (callable(getattr(guide, "local_parameters", None)) and callable(getattr(guide, "sample_local", None))):
+        raise InputError(
+            f"the guide {type(guide).__name__} does not expose its family's parameters per point "
+            "(local_parameters(x) and sample_local(local)): a per-point guide of its family cannot be built. "
+            "elbolab's GaussianGuide, MixtureGuide, FlowGuide, ConditionalGuide and AutoAmortizedGuide have them"
+        )
+
+
 class PerPointGuide(nn.Module):
     """The family of an amortized ``guide``, with the encoder's output for each of the points ``x`` made free parameters.
 
@@ -69,12 +83,7 @@ class PerPointGuide(nn.Module):
 
     def __init__(self, guide: Callable[..., Any], x: Tensor, *args: Tensor) -> None:
         super().__init__()
-        if not (callable(getattr(guide, "local_parameters", None)) and callable(getattr(guide, "sample_local", None))):
-            raise InputError(
-                f"the guide {type(guide).__name__} does not expose its family's parameters per point "
-                "(local_parameters(x) and sample_local(local)): a per-point guide of its family cannot be built. "
-                "elbolab's GaussianGuide, MixtureGuide, FlowGuide, ConditionalGuide and AutoAmortizedGuide have them"
-            )
+        require_local_parameters(guide)
         with torch.no_grad():
             local = guide.local_parameters(x, *args)
         self.local = nn.Parameter(local.detach().clone())
