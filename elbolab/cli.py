@@ -283,6 +283,9 @@ def _compare(args: argparse.Namespace) -> None:
             raise InputError("compare needs --objectives, e.g. --objectives elbo,iwae:k=5 (or --resume OUT)")
         specs = [spec for spec in args.objectives.split(",") if spec.strip()]
         seeds, num_samples = args.seeds or [0], args.num_samples or 5000
+        if args.snr and args.snr_epochs and max(args.snr_epochs) > config.fit.epochs:
+            raise InputError(f"--snr-epochs {','.join(map(str, args.snr_epochs))}: the runs train for "
+                             f"{config.fit.epochs} epochs (--epochs)")
     config.family.check_comparable()
     for spec in specs:
         spec_name, spec_options = parse_objective_spec(spec)

@@ -95,3 +95,11 @@ def test_diagnose_gaps_refuses_a_guide_without_per_point_parameters(tmp_path, ca
     assert status == 2 and "BottomUpGuide does not expose its family's parameters per point" in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_compare_snr_epochs_beyond_the_training_are_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "comparison"
+    status, stderr = exit_status_and_stderr(["compare", "--binarize", "dynamic", "--epochs", "2", "--objectives", "elbo",
+                                             "--snr", "--snr-epochs", "1,5", "--out", str(out)], capsys)
+    assert status == 2 and "--snr-epochs 1,5: the runs train for 2 epochs" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
