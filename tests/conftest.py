@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pyro
 import pytest
+from cli_helpers import TINY
 
 from elbolab.cli import main
 
@@ -25,22 +26,9 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-# The smallest run of the command line: a 64-16-2 VAE on digits for two epochs (about a second).
-TINY = ["--data", "digits", "--binarize", "dynamic", "--hidden", "16", "--z-dim", "2", "--epochs", "2", "--quiet"]
-
-
 @pytest.fixture(scope="module")
 def fitted_run(tmp_path_factory) -> Path:
     """A run folder of ``elbolab fit`` with :data:`TINY`, one per test module (tests may write into it)."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["fit", *TINY, "--out", str(out)]) == 0
     return out
-
-
-def exit_status_and_stderr(argv: list[str], capsys) -> tuple[int, str]:
-    """``elbolab ARGV`` in this process: its exit status and standard error (a subprocess costs seconds of imports)."""
-    try:
-        status = main(argv)
-    except SystemExit as done:  # argparse's refusals and --help
-        status = done.code
-    return status, capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, exit_status_and_stderr
+from cli_helpers import TINY, exit_status_and_stderr
 
 from elbolab.cli import build_parser, main
 

@@ -5,7 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import exit_status_and_stderr
+from cli_helpers import exit_status_and_stderr
 
 from elbolab.cli import main
 
