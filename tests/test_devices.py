@@ -15,7 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from elbolab.analysis import importance_diagnostics, to_inference_data
+from elbolab.analysis import (
+    calibration,
+    gradient_snr,
+    importance_diagnostics,
+    inference_gaps,
+    to_inference_data,
+)
 from elbolab.analysis.latent import latent_draws
 from elbolab.data import DataConfig
 from elbolab.guides import GuideConfig
@@ -89,6 +95,19 @@ def test_trains_evaluates_diagnoses_and_samples_on_the_device(case: str, device:
     assert "posterior" in idata.groups()
     generated = model.generate(4, y=1) if case == "cvae" else model.generate(4)
     assert generated.shape == (4, X_DIM) and generated.device.type == target.type
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["vae-gaussian", "vae-flow"])
+def test_gaps_snr_and_calibration_on_the_device(case: str, device: str) -> None:
+    _, model, guide, _ = train(case, device)
+    x = data(case)[0].to(device)
+    gaps = inference_gaps(model, guide, x[:6], steps=3, num_samples=10, progress=False)
+    assert len(gaps) == 6 and gaps.notna().all().all()
+    snr = gradient_snr(model, guide, x[:6], objective="iwae-dreg:k=4", num_estimates=3)
+    assert set(snr.group) == {"encoder", "decoder"} and snr.snr_mean.notna().all()
+    sbc = calibration(model, guide, num_simulations=20, num_draws=9, bins=5, progress=False)
+    assert len(sbc.table) == 3 and sbc.table.chi2_p.between(0, 1).all()
 
 
 @pytest.mark.parametrize(("train_device", "load_device"), DEVICE_PAIRS)

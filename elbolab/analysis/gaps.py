@@ -161,7 +161,7 @@ def _gaps_of_batch(
         _maximize(chosen, model, per_point, batch, steps, learning_rate, bar)
     bounds = {}
     for label, q in (("amortized", guide), ("optimized", same), (family, flexible)):
-        log_w = log_importance_weights(model, q, *batch, num_samples=num_samples, batch_size=size).double()  # [K, n]
+        log_w = log_importance_weights(model, q, *batch, num_samples=num_samples, batch_size=size).double().cpu()  # [K, n]
         bounds[label] = (log_w.mean(0), log_w.logsumexp(0) - math.log(num_samples))
     best = torch.where(bounds["optimized"][0] >= bounds[family][0], bounds["optimized"][1], bounds[family][1])
     elbo = {label: value[0] for label, value in bounds.items()}
