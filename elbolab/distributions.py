@@ -16,7 +16,7 @@ negates the ``[K, N]`` result: same density, same gradients, fewer passes over m
 
 from __future__ import annotations
 
-__all__ = ["BernoulliRow", "DiagonalGaussianMixture", "EqualGaussianMixture"]
+__all__ = ["BernoulliRow", "DiagonalGaussianMixture", "EqualGaussianMixture", "without_event_dims"]
 
 import math
 from typing import ClassVar
@@ -28,6 +28,13 @@ from torch import Size, Tensor
 from torch.distributions import constraints
 
 NO_SHAPE = Size()
+
+
+def without_event_dims(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """The distribution under every ``Independent`` (``.to_event(...)``) wrapping ``fn``."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
 
 
 class BernoulliRow(dist.TorchDistribution):

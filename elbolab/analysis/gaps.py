@@ -40,10 +40,11 @@ import pyro
 import torch
 from pyro import poutine
 from torch import Tensor, nn
-from torch.distributions import Independent, TransformedDistribution
+from torch.distributions import TransformedDistribution
 from tqdm.auto import tqdm
 
 from elbolab.analysis.plots import save_figure
+from elbolab.distributions import without_event_dims
 from elbolab.errors import InputError
 from elbolab.guides.per_point import COVARIANCES, PerPointGaussian, PerPointGuide
 from elbolab.inference import get_objective, log_importance_weights
@@ -186,14 +187,9 @@ def _draws(guide: Callable[..., Any], batch: tuple[Tensor, ...], plate_nesting: 
     with poutine.trace() as tracer, pyro.plate(PARTICLE_PLATE, MOMENT_DRAWS, dim=-(plate_nesting + 1)):
         guide(*batch)
     sites = [(name, site) for name, site in tracer.trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]]
-    is_flow = any(isinstance(_unwrapped(site["fn"]), TransformedDistribution) for _, site in sites)
+    is_flow = any(isinstance(without_event_dims(site["fn"]), TransformedDistribution) for _, site in sites)
     return {name: site["value"] for name, site in sites if not site["infer"].get("is_auxiliary")}, is_flow
 
-
-def _unwrapped(fn: Any) -> Any:
-    while isinstance(fn, Independent):
-        fn = fn.base_dist
-    return fn
 
 
 def _maximize(

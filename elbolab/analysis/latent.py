@@ -46,6 +46,7 @@ from torch.distributions import kl_divergence
 
 from elbolab.contract import floating_dtype, pair_contract
 from elbolab.data.checks import as_points
+from elbolab.distributions import without_event_dims
 from elbolab.errors import InputError
 from elbolab.inference.traces import data_plate_of, local_latent_sites, run_traced
 from elbolab.models.draws import decode_latents
@@ -347,8 +348,7 @@ def active_units(
 
 def _diagonal_normal(fn: Any) -> dist.Normal | None:
     """The Normal inside ``fn`` (possibly under ``to_event``), else ``None``."""
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
+    fn = without_event_dims(fn)
     return fn if isinstance(fn, torch.distributions.Normal) else None
 
 
